@@ -1,0 +1,1 @@
+"""The cluster plugin: VM placement on hosts, capacity, and host evacuation."""

@@ -1,0 +1,238 @@
+"""Every error vmkernel raises, defined once.
+
+Design: one hierarchy rooted at :class:`VmkError`.  Each error keeps the pieces
+of its message as attributes (``thing``, ``value``, ``expected``) so that
+callers can react to them without parsing text, and every message names the
+thing that was wrong, the value it had and what was expected.  The Rust
+extension imports these classes (``pyo3::import_exception!``) instead of
+defining its own, so an error looks the same whichever implementation raised
+it.  Where a built-in exception type is the natural one to catch, the error
+also derives from it (``InvalidArgument`` is a ``ValueError``, ``UnknownResource``
+a ``LookupError``), so generic code keeps working.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "AuthorizationDenied",
+    "BufferLayoutError",
+    "CapacityError",
+    "ClockError",
+    "DuplicateResource",
+    "FeatureUnavailable",
+    "HookFailed",
+    "IllegalTransition",
+    "InvalidArgument",
+    "InvariantViolation",
+    "PluginError",
+    "ScenarioError",
+    "TranslationFault",
+    "UnknownResource",
+    "VerifyError",
+    "VmkError",
+]
+
+
+def _show(value: Any) -> str:
+    """Render a value for a message, truncating huge reprs (1 MB inputs happen)."""
+    text = repr(value)
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+class VmkError(Exception):
+    """The base of every vmkernel error."""
+
+
+class InvalidArgument(VmkError, ValueError):
+    """A value given to a public entry point is not acceptable.
+
+    ``thing`` names the parameter or field, ``value`` is what was given and
+    ``expected`` says what would have been accepted.
+    """
+
+    def __init__(self, thing: str, value: Any, expected: str) -> None:
+        self.thing = thing
+        self.value = value
+        self.expected = expected
+        super().__init__(f"{thing}: got {_show(value)}, expected {expected}")
+
+
+class ClockError(InvalidArgument):
+    """The simulated clock was asked to move backwards or by a non-integer."""
+
+
+class BufferLayoutError(InvalidArgument):
+    """A batch buffer has the wrong item size, length or bounds."""
+
+
+class UnknownResource(VmkError, LookupError):
+    """No resource of that kind has that id."""
+
+    def __init__(self, kind: str, ident: Any, expected: str = "the id of an existing resource") -> None:
+        self.kind = kind
+        self.thing = kind
+        self.value = ident
+        self.expected = expected
+        super().__init__(f"{kind} {_show(ident)}: not found, expected {expected}")
+
+
+class DuplicateResource(VmkError):
+    """A resource with that name or id already exists."""
+
+    def __init__(self, kind: str, ident: Any) -> None:
+        self.kind = kind
+        self.thing = kind
+        self.value = ident
+        self.expected = f"a {kind} name not already in use"
+        super().__init__(f"{kind} {_show(ident)}: already exists, expected {self.expected}")
+
+
+class IllegalTransition(VmkError):
+    """A lifecycle operation is not allowed from the resource's current state."""
+
+    def __init__(self, kind: str, ident: str, state: str, operation: str, allowed: list[str]) -> None:
+        self.kind = kind
+        self.thing = f"{kind} {ident}"
+        self.value = state
+        self.operation = operation
+        self.allowed = allowed
+        self.expected = f"one of {', '.join(allowed)} for {operation}"
+        super().__init__(
+            f"{kind} {ident}: cannot {operation} in state {state}, expected state {self.expected}"
+        )
+
+
+class CapacityError(VmkError):
+    """A request does not fit in what is left (host memory, quota, disk)."""
+
+    def __init__(self, thing: str, value: Any, expected: str) -> None:
+        self.thing = thing
+        self.value = value
+        self.expected = expected
+        super().__init__(f"{thing}: needs {_show(value)}, expected at most {expected}")
+
+
+class AuthorizationDenied(VmkError, PermissionError):
+    """The authorization hook denied a principal's operation on a resource."""
+
+    def __init__(self, principal: str, operation: str, resource: str, reasons: list[str]) -> None:
+        self.principal = principal
+        self.operation = operation
+        self.resource = resource
+        self.reasons = reasons
+        self.thing = f"{operation} on {resource}"
+        self.value = principal
+        self.expected = "a principal that the loaded policies permit"
+        why = "; ".join(reasons) if reasons else "no reason given"
+        super().__init__(f"{operation} on {resource} by principal {principal!r}: denied ({why})")
+
+
+class PluginError(VmkError):
+    """A plugin is malformed: a bad hook implementation, a misspelled hook, a failed load."""
+
+    def __init__(self, plugin: str, problem: str, expected: str) -> None:
+        self.plugin = plugin
+        self.thing = f"plugin {plugin}"
+        self.value = problem
+        self.expected = expected
+        super().__init__(f"plugin {plugin!r}: {problem}, expected {expected}")
+
+
+class HookFailed(VmkError):
+    """A hook implementation raised during an operation; the operation was rolled back.
+
+    The original exception is ``__cause__``.
+    """
+
+    def __init__(self, hook: str, operation: str, subject: str, cause: BaseException) -> None:
+        self.hook = hook
+        self.operation = operation
+        self.subject = subject
+        self.cause = cause
+        self.thing = f"hook {hook}"
+        self.value = f"{type(cause).__name__}: {cause}"
+        self.expected = "hook implementations that return normally"
+        super().__init__(
+            f"hook {hook} during {operation} of {subject} raised {self.value}; the operation was rolled back"
+        )
+
+
+class FeatureUnavailable(VmkError):
+    """An API needs a plugin that is not loaded."""
+
+    def __init__(self, feature: str, hook: str) -> None:
+        self.feature = feature
+        self.hook = hook
+        self.thing = feature
+        self.value = None
+        self.expected = f"a loaded plugin implementing {hook}"
+        super().__init__(f"{feature}: not available, expected {self.expected}")
+
+
+class InvariantViolation(VmkError, AssertionError):
+    """A named invariant contributed by a plugin does not hold."""
+
+    def __init__(self, name: str, detail: str) -> None:
+        self.name = name
+        self.thing = f"invariant {name}"
+        self.value = detail
+        self.expected = "the invariant to hold after every step"
+        super().__init__(f"invariant {name} violated: {detail}")
+
+
+class ScenarioError(VmkError):
+    """A scenario script could not be loaded or raised while running."""
+
+    def __init__(self, path: str, problem: str, line: int | None = None) -> None:
+        self.path = path
+        self.line = line
+        self.thing = f"scenario {path}" + (f" line {line}" if line is not None else "")
+        self.value = problem
+        self.expected = "a Python script that runs to completion"
+        super().__init__(f"{self.thing}: {problem}")
+
+
+# ---------------------------------------------------------------------------
+# Fast-path errors, raised by both the Rust extension and the reference models.
+
+
+class TranslationFault(VmkError):
+    """An address translation faulted.
+
+    ``kind`` is one of ``not-present``, ``permission``, ``reserved-bit``,
+    ``non-canonical``, ``out-of-memory-range``, ``isolation``,
+    ``page-crossing`` (see :data:`FAULT_KINDS`; ``code`` is its index there,
+    the value batch calls report); ``stage`` is 1 or 2; ``level`` is the
+    page-table level (4 = root … 1 = leaf) where the walk stopped, 0 when the
+    address was rejected before any walk.  ``address`` is the address being
+    translated; ``gpa`` the guest-physical address a stage-2 walk was
+    translating (``None`` for stage 1).
+    """
+
+    def __init__(self, kind: str, stage: int, level: int, address: int, gpa: int | None = None) -> None:
+        self.kind = kind
+        self.stage = stage
+        self.level = level
+        self.address = address
+        self.gpa = gpa
+        self.code = FAULT_KINDS.index(kind) if kind in FAULT_KINDS else -1
+        self.thing = f"address {address:#x}"
+        self.value = kind
+        self.expected = "a present mapping that permits the access"
+        where = f" (guest-physical {gpa:#x})" if gpa is not None else ""
+        super().__init__(f"translation fault at {address:#x}{where}: {kind} at stage {stage}, level {level}")
+
+
+class VerifyError(VmkError):
+    """A threat-rule program failed verification (``code``, ``pc``, ``reason``)."""
+
+    def __init__(self, code: str, pc: int, reason: str) -> None:
+        self.code = code
+        self.pc = pc
+        self.reason = reason
+        self.thing = f"program at pc {pc}"
+        self.value = code
+        self.expected = reason
+        super().__init__(f"program rejected at pc {pc}: {code}: {reason}")

@@ -1,0 +1,13 @@
+"""Pure-Python reference models of the Rust fast paths.
+
+Convention: :mod:`vmkernel.fast` and :mod:`vmkernel.reference` export the same
+names with identical APIs and errors; the reference is the readable definition
+and the differential tests hold the Rust versions to it.  Add one import line
+and one ``__all__`` entry per model.
+"""
+
+from vmkernel.reference.journal_chain import JournalChain
+
+__all__ = [
+    "JournalChain",
+]
