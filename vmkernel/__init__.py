@@ -14,6 +14,7 @@ from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _dist_version
 
 from vmkernel import errors
+from vmkernel._impl import implementation
 from vmkernel._journal import Event, Journal
 from vmkernel._kernel import DEFAULT_PRINCIPAL, KERNEL_PRINCIPAL, Kernel
 from vmkernel._plugins import PluginInfo
@@ -56,4 +57,5 @@ __all__ = [
     "errors",
     "hookimpl",
     "hookspec",
+    "implementation",
 ]

@@ -3,6 +3,8 @@
 The kernel runs on the Rust core (``vmkernel.fast``).  Setting
 ``VMKERNEL_IMPL=reference`` switches it to the pure-Python models, which is
 how the test suite proves that a whole kernel behaves the same on both.
+Plugins with fast paths of their own pick their classes from
+``vmkernel.implementation()`` so that they follow the same switch.
 """
 
 from __future__ import annotations

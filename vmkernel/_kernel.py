@@ -99,13 +99,17 @@ def _check_int(thing: str, value: object, low: int, high: int) -> int:
     return value
 
 
+# (time_ns, kind, subject, data JSON, data snapshot, durable: kept even when the operation rolls back)
+_Record = tuple[int, str, str, bytes, Mapping[str, Any], bool]
+
+
 class _Pending:
     """Events of an open operation, not yet in the journal."""
 
     __slots__ = ("events",)
 
     def __init__(self) -> None:
-        self.events: list[tuple[int, str, str, bytes, Mapping[str, Any]]] = []
+        self.events: list[_Record] = []
 
 
 class Kernel:
@@ -134,6 +138,10 @@ class Kernel:
         config: Mapping[str, Any] | None = None,
     ) -> None:
         self.seed = _check_int("seed", seed, 0, _MAX_SEED - 1)
+        if config is not None and not isinstance(config, Mapping):
+            raise InvalidArgument("config", config, "a mapping of setting names to values")
+        if plugins is not None and (isinstance(plugins, str | bytes) or not isinstance(plugins, Iterable)):
+            raise InvalidArgument("plugins", plugins, "a list of plugin objects or modules")
         self._owns_data_dir = data_dir is None
         if data_dir is None:
             self.data_dir = Path(tempfile.mkdtemp(prefix="vmkernel-"))
@@ -143,10 +151,28 @@ class Kernel:
             path = Path(data_dir)
             if path.exists() and not path.is_dir():
                 raise InvalidArgument("data_dir", str(path), "a directory (this path is a file)")
-            path.mkdir(parents=True, exist_ok=True)
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise InvalidArgument(
+                    "data_dir", str(path), f"a directory that can be created ({exc.strerror})"
+                ) from None
             self.data_dir = path
-        if config is not None and not isinstance(config, Mapping):
-            raise InvalidArgument("config", config, "a mapping of setting names to values")
+        self._closed = False
+        try:
+            self._start(plugins, autoload, block, config)
+        except BaseException:
+            self._closed = True
+            self._cleanup_dir()
+            raise
+
+    def _start(
+        self,
+        plugins: Iterable[Any] | None,
+        autoload: bool | None,
+        block: Sequence[str],
+        config: Mapping[str, Any] | None,
+    ) -> None:
         self.config: dict[str, Any] = dict(config or {})
         self.stash = Stash()
         self.rng = self.rng_for("kernel")
@@ -158,23 +184,22 @@ class Kernel:
         self._broadcast_queue: deque[Event] = deque()
         self._broadcasting = False
         self._destroyed: dict[str, int] = {}
-        self._closed = False
         self.pm: pluggy.PluginManager = build_plugin_manager(plugins, autoload=autoload, block=block)
         self.hook = self.pm.hook
+        # Configure inside the start operation: nothing is broadcast before every
+        # plugin has set up its state, and a failing configure leaves no events.
         with self._operation("kernel.start", "kernel", KERNEL_PRINCIPAL, authorize=False):
             for name in (KERNEL_PRINCIPAL, DEFAULT_PRINCIPAL):
                 self.registry.add(Principal(name, ("admin",)))
             self.emit("kernel.start", "kernel", seed=self.seed, plugins=[p.name for p in self.plugins()])
-        try:
-            self.hook.vmk_configure(kernel=self)
-        except VmkError:
-            self._cleanup_dir()
-            raise
-        except Exception as exc:
-            self._cleanup_dir()
-            raise PluginError(
-                "vmk_configure", f"{type(exc).__name__}: {exc}", "a configure hook that succeeds"
-            ) from exc
+            try:
+                self.hook.vmk_configure(kernel=self)
+            except VmkError:
+                raise
+            except Exception as exc:
+                raise PluginError(
+                    "vmk_configure", f"{type(exc).__name__}: {exc}", "a configure hook that succeeds"
+                ) from exc
 
     # ------------------------------------------------------------------ basics
     def rng_for(self, name: str) -> random.Random:
@@ -183,6 +208,8 @@ class Kernel:
         Plugins take their own stream so that loading one plugin never shifts
         the random choices of another.
         """
+        if not isinstance(name, str):
+            raise InvalidArgument("rng stream name", name, "a str naming the stream, e.g. the plugin's name")
         digest = hashlib.sha256(f"{self.seed}:{name}".encode()).digest()
         return random.Random(int.from_bytes(digest[:16], "little"))
 
@@ -202,10 +229,22 @@ class Kernel:
         if self._closed:
             return
         self._closed = True
+        failures: list[tuple[str, Exception]] = []
         try:
-            self.hook.vmk_unconfigure(kernel=self)
+            for impl in self.hook.vmk_unconfigure.get_hookimpls()[::-1]:
+                try:
+                    impl.function(*[{"kernel": self}[n] for n in impl.argnames])
+                except Exception as exc:  # every plugin must get the chance to release its resources
+                    failures.append((impl.plugin_name, exc))
         finally:
             self._cleanup_dir()
+        if failures:
+            name, first = failures[0]
+            raise PluginError(
+                name,
+                f"vmk_unconfigure raised {type(first).__name__}: {first}",
+                "an unconfigure hook that returns normally",
+            ) from first
 
     def _cleanup_dir(self) -> None:
         if self._owns_data_dir:
@@ -230,8 +269,14 @@ class Kernel:
         Inside an operation the event commits with it (or vanishes on
         rollback); outside one it is committed at once.  ``data`` must be
         JSON-serialisable: anything else raises :class:`InvalidArgument` here,
-        at the call, not later when the journal is written.
+        at the call, not later when the journal is written.  The event keeps
+        a snapshot of ``data``: changing the dict afterwards changes nothing.
         """
+        self._emit(kind, subject, data, durable=False)
+
+    def _emit(self, kind: str, subject: str, data: Mapping[str, Any], *, durable: bool) -> None:
+        if self._closed:
+            raise InvalidArgument("kernel", "closed", "an open kernel (this one was closed)")
         if not isinstance(kind, str) or not kind:
             raise InvalidArgument("event kind", kind, "a non-empty str such as 'vm.launch'")
         if not isinstance(subject, str):
@@ -242,15 +287,15 @@ class Kernel:
             raise InvalidArgument(
                 f"data of event {kind}", data, f"JSON-serialisable values ({exc})"
             ) from None
-        record = (self.clock.now_ns, kind, subject, data_json, data)
+        record = (self.clock.now_ns, kind, subject, data_json, orjson.loads(data_json), durable)
         if self._pending:
             self._pending[-1].events.append(record)
         else:
             self._commit([record])
 
-    def _commit(self, records: list[tuple[int, str, str, bytes, Mapping[str, Any]]]) -> None:
+    def _commit(self, records: list[_Record]) -> None:
         journal = self.journal
-        for time_ns, kind, subject, data_json, data in records:
+        for time_ns, kind, subject, data_json, data, _durable in records:
             seq = len(journal)
             # Canonical line, keys in sorted order: data, kind, seq, subject, time_ns.
             line = b"".join(
@@ -279,14 +324,28 @@ class Kernel:
         self._broadcasting = True
         try:
             queue = self._broadcast_queue
+            observers = self.hook.vmk_event.get_hookimpls()[::-1]  # pluggy's order: last registered first
+            if not observers:
+                queue.clear()
+                return
             while queue:
                 event = queue.popleft()
-                try:
-                    self.hook.vmk_event(kernel=self, event=event)
-                except Exception as exc:
-                    self.emit(
-                        "plugin.error", event.kind, hook="vmk_event", error=f"{type(exc).__name__}: {exc}"
-                    )
+                # Each observer on its own: one failing never hides the event from the
+                # others, and a failure on a plugin.error event is not reported again.
+                args = {"kernel": self, "event": event}
+                for impl in observers:
+                    try:
+                        impl.function(*[args[n] for n in impl.argnames])
+                    except Exception as exc:
+                        if event.kind != "plugin.error":
+                            self.emit(
+                                "plugin.error",
+                                event.subject,
+                                event=event.kind,
+                                hook="vmk_event",
+                                plugin=impl.plugin_name,
+                                error=f"{type(exc).__name__}: {exc}",
+                            )
         finally:
             self._broadcasting = False
 
@@ -311,20 +370,36 @@ class Kernel:
         decisions and the request is allowed.  A denial is journaled with its reasons.
         """
         who = self.principal(principal)
-        decisions = [
-            d
-            for d in self.hook.vmk_authorize(
+        if not self.hook.vmk_authorize.get_hookimpls():
+            return []  # no policy plugin: allow, without the cost of a hook call
+        try:
+            answers = self.hook.vmk_authorize(
                 kernel=self, principal=who, operation=operation, resource=resource
             )
-            if d is not None
-        ]
+        except VmkError:
+            raise
+        except Exception as exc:  # an evaluation error is a deny, and it is recorded
+            reason = f"policy evaluation failed: {type(exc).__name__}: {exc}"
+            self._emit(
+                "auth.denied",
+                resource,
+                {"principal": who.id, "operation": operation, "reasons": [reason]},
+                durable=True,
+            )
+            raise HookFailed("vmk_authorize", operation, resource, exc) from exc
+        decisions = [d for d in answers if d is not None]
         for d in decisions:
             if not isinstance(d, Decision):
                 raise PluginError("vmk_authorize", f"returned {d!r}", "a vmkernel.Decision or None")
         denials = [d for d in decisions if d.effect is Effect.DENY]
         if denials:
             reasons = [f"{d.reason} [{d.source}]" if d.source else d.reason for d in denials]
-            self.emit("auth.denied", resource, principal=who.id, operation=operation, reasons=reasons)
+            self._emit(
+                "auth.denied",
+                resource,
+                {"principal": who.id, "operation": operation, "reasons": reasons},
+                durable=True,
+            )
             raise AuthorizationDenied(who.id, operation, resource, reasons)
         return decisions
 
@@ -344,6 +419,15 @@ class Kernel:
         except BaseException as exc:
             self._pending.pop()
             self.registry.end(outer, commit=False)
+            # Durable records (auth denials) survive, stamped with the time after
+            # the rollback so that the journal stays ordered in time.
+            now = self.clock.now_ns
+            kept = [(min(r[0], now), *r[1:]) for r in pending.events if r[5]]
+            if kept:
+                if self._pending:
+                    self._pending[-1].events.extend(kept)
+                else:
+                    self._commit(kept)
             self._rolled_back(operation, subject, exc)
             raise
         self._pending.pop()
@@ -354,9 +438,10 @@ class Kernel:
             self._commit(pending.events)
 
     def _rolled_back(self, operation: str, subject: str, exc: BaseException) -> None:
+        args = {"kernel": self, "operation": operation, "subject": subject, "error": exc}
         for impl in reversed(self.hook.vmk_rollback.get_hookimpls()):
             try:
-                impl.function(kernel=self, operation=operation, subject=subject, error=exc)
+                impl.function(*[args[n] for n in impl.argnames])
             except Exception as err:
                 self.emit(
                     "plugin.error",
@@ -457,7 +542,7 @@ class Kernel:
     ) -> Principal:
         """Register someone who can ask for operations (policy plugins decide what they may do)."""
         _check_name("principal", name)
-        if isinstance(roles, str) or not all(isinstance(r, str) for r in roles):
+        if not isinstance(roles, list | tuple) or not all(isinstance(r, str) for r in roles):
             raise InvalidArgument("roles", roles, "a list of role names")
         p = Principal(name, tuple(roles))
         with self._operation("principal.add", f"principal:{name}", principal):
@@ -648,7 +733,7 @@ class Kernel:
         if vm.state is not VMState.RUNNING:
             raise IllegalTransition("vm", vm.id, vm.state.value, "send frames", [VMState.RUNNING.value])
         _check_int("nic", nic, 0, 255)
-        if isinstance(frames, bytes | bytearray | str):
+        if isinstance(frames, bytes | bytearray | str) or not isinstance(frames, Sequence):
             raise InvalidArgument("frames", type(frames).__name__, "a sequence of frames (bytes each)")
         subject = f"vm:{vm.id}"
         with self._operation("net.send", subject, KERNEL_PRINCIPAL, authorize=False):
@@ -738,7 +823,7 @@ class Kernel:
         """Settings from a device manager arrive for ``target`` (``vmk_config_receive``)."""
         if not isinstance(target, str) or not target:
             raise InvalidArgument("target", target, "a host or container id")
-        if isinstance(settings, Mapping | str | bytes) or not all(isinstance(s, Mapping) for s in settings):
+        if not isinstance(settings, list | tuple) or not all(isinstance(s, Mapping) for s in settings):
             raise InvalidArgument("settings", settings, "a list of setting mappings")
         with self._operation("config.receive", target, principal):
             results = self._call(
@@ -747,8 +832,19 @@ class Kernel:
         return [r for r in results if r is not None]
 
     # --------------------------------------------------- features from plugins
+    def _query(self, hook: str, **kwargs: Any) -> Any:
+        """Call a query hook; a plugin's plain exception becomes a typed PluginError."""
+        try:
+            return getattr(self.hook, hook)(kernel=self, **kwargs)
+        except VmkError:
+            raise
+        except Exception as exc:
+            raise PluginError(
+                hook, f"raised {type(exc).__name__}: {exc}", "a hook that returns normally"
+            ) from exc
+
     def _first(self, hook: str, feature: str, **kwargs: Any) -> Any:
-        result = getattr(self.hook, hook)(kernel=self, **kwargs)
+        result = self._query(hook, **kwargs)
         if result is None:
             raise FeatureUnavailable(feature, hook)
         return result
@@ -763,7 +859,7 @@ class Kernel:
         _check_int("gpa", gpa, 0, 2**64 - 1)
         if not isinstance(data, bytes | bytearray | memoryview):
             raise InvalidArgument("data", type(data).__name__, "bytes")
-        handled = self.hook.vmk_hypervisor_write(kernel=self, vm=vm, gpa=gpa, data=bytes(data))
+        handled = self._query("vmk_hypervisor_write", vm=vm, gpa=gpa, data=bytes(data))
         if not handled:
             self.guest_memory(vm).write(gpa, bytes(data))
 
@@ -814,7 +910,9 @@ class Kernel:
         subject = f"vm:{vm.id}"
         with self._operation("vm.restore", subject, principal):
             self.registry.add(vm)
-            self._destroyed.pop(vm.id, None)
+            destroyed_at = self._destroyed.pop(vm.id, None)
+            if destroyed_at is not None:
+                self.registry.log_undo(lambda: self._destroyed.__setitem__(vm.id, destroyed_at))
             self._call("vmk_vm_restore", "vm.restore", subject, vm=vm, unit=unit)
             self.emit("vm.restore", subject, name=vm.name, memory_mib=vm.memory_mib)
         return vm
@@ -834,7 +932,7 @@ class Kernel:
             Invariant("kernel.vm-states", self._check_vm_states),
             Invariant("kernel.journal-order", self._check_journal_order),
         ]
-        for contributed in self.hook.vmk_invariants(kernel=self):
+        for contributed in self._query("vmk_invariants"):
             for inv in contributed or ():
                 if not isinstance(inv, Invariant):
                     raise PluginError("vmk_invariants", f"returned {inv!r}", "vmkernel.Invariant objects")
@@ -897,7 +995,7 @@ class Kernel:
             f"journal: {len(self.journal)} events, digest {self.journal.digest()[:16]}",
         ]
         sections = [ReportSection("kernel", lines)]
-        sections.extend(s for s in self.hook.vmk_report(kernel=self) if s is not None)
+        sections.extend(s for s in self._query("vmk_report") if s is not None)
         return sections
 
 

@@ -77,6 +77,9 @@ def build_plugin_manager(
         raise InvalidArgument("block", block, "a list of plugin names, not a single str")
     pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
     pm.add_hookspecs(hookspecs)
+    # Historic: every plugin registered below gets vmk_addhooks as it registers,
+    # so hooks one plugin adds are known before check_pending() runs.
+    pm.hook.vmk_addhooks.call_historic(kwargs={"pluginmanager": pm})
     for name in [*block, *blocked_from_env()]:
         pm.set_blocked(name)
     for plugin in plugins or ():
@@ -108,7 +111,6 @@ def build_plugin_manager(
         raise PluginError(
             _plugin_name(exc.plugin), str(exc), "only hooks that vmkernel defines (misspelled?)"
         ) from exc
-    pm.hook.vmk_addhooks.call_historic(kwargs={"pluginmanager": pm})
     return pm
 
 

@@ -114,6 +114,10 @@ class Link:
     b: str
     kind = "link"
 
+    @property
+    def name(self) -> str:
+        return self.id
+
 
 @dataclass(slots=True, eq=False)
 class Principal:

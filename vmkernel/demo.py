@@ -125,7 +125,8 @@ def run_demo(
             print(f"[{index}/{len(ordered)}] {name}", file=out, flush=True)
             started = time.perf_counter()  # for the progress line only; never enters the kernel
             try:
-                impls[name].function(kernel=k, demo=ctx)
+                args = {"kernel": k, "demo": ctx}
+                impls[name].function(*[args[n] for n in impls[name].argnames])
             except VmkError as exc:
                 errors[name] = f"{type(exc).__name__}: {exc}"
             except Exception as exc:

@@ -16,11 +16,13 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "AttestationError",
     "AuthorizationDenied",
     "BufferLayoutError",
     "CapacityError",
     "ClockError",
     "DuplicateResource",
+    "EntropyDenied",
     "FeatureUnavailable",
     "HookFailed",
     "IllegalTransition",
@@ -29,6 +31,7 @@ __all__ = [
     "PluginError",
     "ScenarioError",
     "TranslationFault",
+    "TrustAuthorityError",
     "UnknownResource",
     "VerifyError",
     "VmkError",
@@ -236,3 +239,249 @@ class VerifyError(VmkError):
         self.value = code
         self.expected = reason
         super().__init__(f"program rejected at pc {pc}: {code}: {reason}")
+
+
+# ---------------------------------------------------------------------------
+# Confidential VMs: attestation, trust authority, entropy device
+
+
+class AttestationError(VmkError):
+    """Attestation evidence was rejected: nothing was released.
+
+    ``reasons`` lists every failed check as ``(code, detail)`` pairs, with
+    codes such as ``SIGNATURE_INVALID`` or ``NONCE_REPLAYED`` (see
+    ``docs/confidential.md`` for the full list).
+    """
+
+    def __init__(self, subject: str, reasons: list[tuple[str, str]]) -> None:
+        self.subject = subject
+        self.reasons = reasons
+        self.codes = [code for code, _ in reasons]
+        self.thing = f"attestation of {subject}"
+        self.value = self.codes
+        self.expected = "evidence that passes every check of the reference-value policy"
+        why = "; ".join(f"{code}: {detail}" for code, detail in reasons) or "no reason given"
+        super().__init__(f"attestation of {subject}: rejected ({why}), expected {self.expected}")
+
+
+class TrustAuthorityError(VmkError):
+    """The trust authority could not be reached or answered outside its protocol."""
+
+    def __init__(self, endpoint: str, problem: str, expected: str) -> None:
+        self.endpoint = endpoint
+        self.thing = f"trust authority {endpoint}"
+        self.value = problem
+        self.expected = expected
+        super().__init__(f"trust authority {endpoint}: {problem}, expected {expected}")
+
+
+class EntropyDenied(VmkError, PermissionError):
+    """The entropy device refused hypervisor data (a reused page address or a repeated page digest)."""
+
+    def __init__(self, vm: str, check: str, value: str) -> None:
+        self.vm = vm
+        self.check = check
+        self.thing = f"entropy page for VM {vm}"
+        self.value = value
+        self.expected = f"a {check} never used before under this VM's key"
+        super().__init__(
+            f"entropy page for VM {vm}: {check} {value} was already used, expected {self.expected}"
+        )
+
+
+# ---------------------------------------------------------------------------
+# Storage units
+
+__all__ += [
+    "BadMagic",
+    "CommingleRefused",
+    "CorruptUnit",
+    "DiskFull",
+    "OwnerMismatch",
+    "QuotaExceeded",
+    "StorageError",
+    "TruncatedUnit",
+    "UnitBusy",
+    "UnitDestroyed",
+    "UnknownFeature",
+]
+
+
+class StorageError(VmkError):
+    """A storage unit refused an operation or found its on-disk state wrong.
+
+    ``unit`` is the unit's owner VM id, ``offset`` the byte offset concerned
+    (in the unit image for format problems, in the volume for API calls; the
+    message says which), ``value`` what was found and ``expected`` what would
+    have been accepted.
+    """
+
+    def __init__(self, unit: str, offset: int | None, problem: str, value: Any, expected: str) -> None:
+        self.unit = unit
+        self.offset = offset
+        self.problem = problem
+        self.thing = f"storage unit {unit}" + (f" at offset {offset}" if offset is not None else "")
+        self.value = value
+        self.expected = expected
+        super().__init__(f"{self.thing}: {problem} (got {_show(value)}), expected {expected}")
+
+
+class CorruptUnit(StorageError):
+    """A checksum, a record header or an index entry of a unit image is wrong."""
+
+
+class BadMagic(CorruptUnit):
+    """Neither superblock of a unit image carries the unit magic."""
+
+
+class TruncatedUnit(CorruptUnit):
+    """A unit image ends before the data its superblock vouches for."""
+
+
+class UnknownFeature(StorageError):
+    """A unit image uses an incompatible feature this version does not know; it is not opened."""
+
+
+class OwnerMismatch(StorageError):
+    """A unit image, or a record in it, is stamped with another VM than the unit's owner."""
+
+
+class CommingleRefused(StorageError):
+    """A write would put one VM's data into another VM's unit."""
+
+
+class QuotaExceeded(StorageError):
+    """A write would grow a unit past its quota."""
+
+
+class DiskFull(StorageError):
+    """The file system or the network block device under a unit has no space left."""
+
+
+class UnitDestroyed(StorageError):
+    """The unit belongs to a destroyed VM and was being deleted; it cannot be opened."""
+
+
+class UnitBusy(StorageError):
+    """Another process has the unit open for writing."""
+
+
+# ---------------------------------------------------------------------------
+# Processor: fault codes, register access and domain entry faults.
+
+__all__ += ["FAULT_KINDS", "DomainEntryFault", "ProcessorFault", "RegisterAccessFault"]
+
+#: Translation fault kinds by code: ``translate_batch`` reports ``FAULT_KINDS.index(kind)``
+#: per address (0 = translated), ``TranslationFault.code`` is the same number.
+FAULT_KINDS: tuple[str, ...] = (
+    "none",
+    "not-present",
+    "permission",
+    "reserved-bit",
+    "non-canonical",
+    "out-of-memory-range",
+    "isolation",
+    "page-crossing",
+)
+
+_DOMAIN_NAMES = ("hypervisor", "os", "application")
+
+
+def _domain_name(domain: int) -> str:
+    return _DOMAIN_NAMES[domain] if 0 <= domain < len(_DOMAIN_NAMES) else f"domain {domain}"
+
+
+class ProcessorFault(VmkError):
+    """The emulated processor refused an operation of the running code."""
+
+
+class RegisterAccessFault(ProcessorFault, PermissionError):
+    """A privileged register was read or written from a domain not allowed to.
+
+    ``register`` names it (``vmr``, ``table_root``, ``stage2_root``,
+    ``domain_table``), ``domain`` is the current domain (an int),
+    ``operation`` is ``read`` or ``write``.  The register is unchanged.
+    """
+
+    def __init__(self, register: str, domain: int, operation: str, expected: str) -> None:
+        self.register = register
+        self.domain = domain
+        self.operation = operation
+        self.thing = f"register {register}"
+        self.value = _domain_name(domain)
+        self.expected = expected
+        super().__init__(
+            f"{operation} of register {register} from the {self.value} domain: denied, expected {expected}"
+        )
+
+
+class DomainEntryFault(ProcessorFault, PermissionError):
+    """A domain was entered at an address that is not one of its entry points."""
+
+    def __init__(self, domain: int, address: int, expected: str) -> None:
+        self.domain = domain
+        self.address = address
+        self.thing = f"entry into the {_domain_name(domain)} domain"
+        self.value = address
+        self.expected = expected
+        super().__init__(f"{self.thing} at {address:#x}: denied, expected {expected}")
+
+
+# ---------------------------------------------------------------------------
+# Pre-filter: rule sets and capture files.
+
+__all__ += ["CaptureError", "RuleError"]
+
+
+class RuleError(InvalidArgument):
+    """A pre-filter rule set was rejected; the installed table is unchanged.
+
+    ``where`` locates the problem (``line 3 column 8`` for the text and
+    ClassBench formats, ``rules[2].dport`` for JSON); ``line`` and ``column``
+    are set (1-based) when the problem has a position in the text.
+    """
+
+    def __init__(
+        self, where: str, value: Any, expected: str, line: int | None = None, column: int | None = None
+    ) -> None:
+        self.where = where
+        self.line = line
+        self.column = column
+        super().__init__(f"rules {where}", value, expected)
+
+
+class CaptureError(InvalidArgument):
+    """A pcap / pcapng capture could not be read (``path``, byte ``offset``)."""
+
+    def __init__(self, path: str, offset: int, problem: str, expected: str) -> None:
+        self.path = path
+        self.offset = offset
+        self.problem = problem
+        super().__init__(f"capture {path} at byte {offset}", problem, expected)
+
+
+# ---------------------------------------------------------------------------
+# Threat detection engine: rule programs and rule sources.
+
+__all__ += ["RuleCompileError", "VersionMismatch"]
+
+
+class VersionMismatch(VerifyError):
+    """A threat-rule program was built for another version of the program format."""
+
+
+class RuleCompileError(InvalidArgument):
+    """A threat rule (native text or Sigma) could not be compiled into a program.
+
+    ``source`` names the rule text (a path or ``<string>``); ``line`` and
+    ``column`` are 1-based when the problem has a position, else None.
+    """
+
+    def __init__(
+        self, source: str, value: Any, expected: str, line: int | None = None, column: int | None = None
+    ) -> None:
+        self.source = source
+        self.line = line
+        self.column = column
+        where = f"{source}" + (f" line {line} column {column}" if line is not None else "")
+        super().__init__(f"rule {where}", value, expected)

@@ -54,7 +54,10 @@ def vmk_configure(kernel: Kernel) -> None:
     """The kernel is ready: set up per-plugin state under a ``StashKey``.
 
     Called once, after every plugin is registered and before the first
-    operation.  Raising here aborts ``Kernel()`` with a :class:`PluginError`.
+    operation, inside the kernel's start operation: the ``kernel.start``
+    event and any events emitted here reach the journal together when every
+    plugin is configured, so no ``vmk_event`` observer runs before its plugin
+    is set up.  Raising here aborts ``Kernel()`` with a :class:`PluginError`.
 
     :param kernel: the kernel being configured.
     """

@@ -7,7 +7,9 @@
 //! `&[u64]`. Every rejection is a `vmkernel.errors` exception naming the
 //! attribute that was wrong, with the same thing/value/expected as the pure
 //! Python reference (`vmkernel/reference/`), so tests compare both directly.
-//! This file holds the crate's only `unsafe` block.
+//! Reading an export as a slice needs `unsafe` (here); wrappers that write
+//! into a caller's output buffer do so in their own `unsafe` block, each with
+//! a `SAFETY:` note.
 
 use std::borrow::Cow;
 
