@@ -6,8 +6,9 @@ behaviour and the differential tests hold these to it.  Add one import line
 and one ``__all__`` entry per fast path.
 """
 
-from vmkernel._core import JournalChain
+from vmkernel._core import JournalChain, Processor
 
 __all__ = [
     "JournalChain",
+    "Processor",
 ]

@@ -7,7 +7,9 @@ and one ``__all__`` entry per model.
 """
 
 from vmkernel.reference.journal_chain import JournalChain
+from vmkernel.reference.processor import Processor
 
 __all__ = [
     "JournalChain",
+    "Processor",
 ]

@@ -8,3 +8,4 @@
 #![warn(missing_docs)]
 
 pub mod journal_chain;
+pub mod mmu;

@@ -15,11 +15,13 @@ mod errors;
 
 // One line per wrapped vmk-core module.
 mod journal_chain;
+mod processor;
 
 /// Rust fast paths of vmkernel; use them through `vmkernel.fast`.
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     // One line per wrapped vmk-core module.
     journal_chain::register(m)?;
+    processor::register(m)?;
     Ok(())
 }

@@ -1,0 +1,205 @@
+"""Storage unit throughput, measured side by side in one run.
+
+Prints, on the same file system:
+  * durable sequential writes through a unit (write + flush per chunk) against raw
+    ``pwrite`` + ``fdatasync`` of the same chunks (goal: >= 75 % of raw);
+  * 4 KiB durable writes (latency) through a unit against raw;
+  * reads from the page cache through a unit (every block's crc32c verified) against raw ``pread``
+    (goal: >= 1 GB/s);
+  * the NBD backend (qemu-nbd on a unix socket) against the local backend, and the bare NBD client.
+
+Usage: python bench/bench_storage.py [--mib 128] [--rounds 3] [--dir PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from vmk_storage import NbdBackend, UnitStore, qemu_nbd_path
+
+
+def gbps(nbytes: int, seconds: float) -> float:
+    return nbytes / seconds / 1e9
+
+
+def best(fn, repeat: int = 3) -> float:
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def raw_durable(path: Path, chunk: bytes, count: int) -> float:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        t = time.perf_counter()
+        for i in range(count):
+            os.pwrite(fd, chunk, i * len(chunk))
+            os.fdatasync(fd)
+        return time.perf_counter() - t
+    finally:
+        os.close(fd)
+
+
+def raw_read(path: Path, size: int, nbytes: int) -> float:
+    fd = os.open(path, os.O_RDONLY)
+    buf = bytearray(size)
+    total = os.fstat(fd).st_size
+
+    def run() -> None:
+        for off in range(0, total - size + 1, size):
+            os.preadv(fd, [buf], off)
+
+    try:
+        return best(run) * nbytes / (total - total % size)
+    finally:
+        os.close(fd)
+
+
+def unit_durable(store: UnitStore, chunk: bytes, count: int) -> tuple[float, object]:
+    unit = store.create(str(uuid.uuid4()))
+    unit.write("disk0", 0, b"warm")  # open for writing before the clock starts
+    unit.flush()
+    t = time.perf_counter()
+    for i in range(count):
+        unit.write("disk0", i * len(chunk), chunk)
+        unit.flush()
+    return time.perf_counter() - t, unit
+
+
+def unit_read(unit, size: int, total: int) -> float:
+    def run() -> None:
+        for off in range(0, total, size):
+            unit.read("disk0", off, size)
+
+    run()  # page cache warm
+    return best(run)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mib", type=int, default=128, help="MiB written per measurement")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating raw/unit rounds (median reported)")
+    ap.add_argument("--dir", default=None, help="directory on the disk to measure (default: a temp dir)")
+    args = ap.parse_args()
+    base = Path(tempfile.mkdtemp(prefix="vmkbench-", dir=args.dir))
+    total = args.mib << 20
+    rows: list[tuple[str, str]] = []
+    try:
+        print(f"storage bench: {args.mib} MiB per run in {base}")
+        # Raw and unit runs alternate, several rounds, medians compared: the disk is shared and noisy.
+        for chunk_size in (1 << 20, 4 << 20):
+            chunk = os.urandom(chunk_size)
+            count = total // chunk_size
+            raw_ts, unit_ts = [], []
+            for r in range(args.rounds):
+                raw_ts.append(raw_durable(base / "raw.bin", chunk, count))
+                store = UnitStore(base / f"local-{chunk_size}-{r}")
+                unit_ts.append(unit_durable(store, chunk, count)[0])
+                store.close()
+                shutil.rmtree(base / f"local-{chunk_size}-{r}")
+            raw_t, unit_t = statistics.median(raw_ts), statistics.median(unit_ts)
+            rows.append(
+                (
+                    f"durable seq write {chunk_size >> 20} MiB chunks: raw write+fdatasync",
+                    f"{gbps(total, raw_t):.3f} GB/s",
+                )
+            )
+            rows.append(
+                (
+                    f"durable seq write {chunk_size >> 20} MiB chunks: unit (local)",
+                    f"{gbps(total, unit_t):.3f} GB/s = {raw_t / unit_t:.0%} of raw",
+                )
+            )
+
+        small = os.urandom(4096)
+        n = 300
+        raw_ts, unit_ts, ordered_ts = [], [], []
+        for r in range(args.rounds):
+            raw_ts.append(raw_durable(base / "raw4k.bin", small, n))
+            store = UnitStore(base / f"local-4k-{r}")
+            unit_ts.append(unit_durable(store, small, n)[0])
+            store.close()
+            store = UnitStore(base / f"ordered-4k-{r}", sync="ordered")
+            ordered_ts.append(unit_durable(store, small, n)[0])
+            store.close()
+        rows.append(
+            ("4 KiB durable write: raw write+fdatasync", f"{statistics.median(raw_ts) / n * 1e3:.2f} ms")
+        )
+        rows.append(
+            ("4 KiB durable write: unit, sync=single", f"{statistics.median(unit_ts) / n * 1e3:.2f} ms")
+        )
+        rows.append(
+            ("4 KiB durable write: unit, sync=ordered", f"{statistics.median(ordered_ts) / n * 1e3:.2f} ms")
+        )
+
+        # Page-cache reads of a volume written in 4 MiB extents.
+        chunk = os.urandom(4 << 20)
+        store = UnitStore(base / "local-read")
+        _, unit = unit_durable(store, chunk, total // len(chunk))
+        for size in (1 << 20, 4 << 20):
+            t = unit_read(unit, size, total)
+            rows.append(
+                (
+                    f"page-cache read {size >> 20} MiB requests: unit (local, crc32c verified)",
+                    f"{gbps(total, t):.2f} GB/s",
+                )
+            )
+        raw_t = raw_read(unit.image_path, 4 << 20, total)
+        rows.append(
+            ("page-cache read 4 MiB requests: raw pread of the image", f"{gbps(total, raw_t):.2f} GB/s")
+        )
+        store.close()
+
+        if qemu_nbd_path() is None:
+            rows.append(("NBD backend", "skipped: qemu-nbd not installed"))
+        else:
+            nbd = UnitStore(base / "nbd", NbdBackend(capacity=total + (64 << 20)))
+            chunk = os.urandom(4 << 20)
+            local = UnitStore(base / "local-cmp")
+            local_t, local_unit = unit_durable(local, chunk, total // len(chunk))
+            nbd_t, nbd_unit = unit_durable(nbd, chunk, total // len(chunk))
+            rows.append(("durable seq write 4 MiB chunks: unit (local)", f"{gbps(total, local_t):.3f} GB/s"))
+            rows.append(
+                (
+                    "durable seq write 4 MiB chunks: unit (NBD, qemu-nbd)",
+                    f"{gbps(total, nbd_t):.3f} GB/s = {local_t / nbd_t:.0%} of local",
+                )
+            )
+            lr = unit_read(local_unit, 4 << 20, total)
+            nr = unit_read(nbd_unit, 4 << 20, total)
+            rows.append(("read 4 MiB requests: unit (local)", f"{gbps(total, lr):.2f} GB/s"))
+            rows.append(
+                ("read 4 MiB requests: unit (NBD)", f"{gbps(total, nr):.2f} GB/s = {lr / nr:.0%} of local")
+            )
+            dev = nbd_unit._dev
+            buf = memoryview(bytearray(4 << 20))
+
+            def bare() -> None:
+                for off in range(8192, 8192 + total, len(buf)):
+                    dev.preadinto(buf, off)
+
+            bt = best(bare)
+            rows.append(
+                ("read 4 MiB requests: bare NBD client (no unit format)", f"{gbps(total, bt):.2f} GB/s")
+            )
+            nbd.close()
+            local.close()
+        width = max(len(k) for k, _ in rows)
+        for k, v in rows:
+            print(f"  {k:<{width}}  {v}")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

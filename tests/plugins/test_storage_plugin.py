@@ -1,0 +1,229 @@
+"""The storage plugin inside a kernel: units per VM, save/restore across processes,
+destroy policy, invariants that can fail, report, demo and the `storage` CLI."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import textwrap
+
+import click
+import pytest
+import vmk_storage.plugin as storage_plugin
+from click.testing import CliRunner
+from vmk_storage import format as fmt
+from vmk_storage.unit import IMAGE
+
+from vmkernel import Kernel, hookimpl
+from vmkernel.errors import CommingleRefused, HookFailed, InvalidArgument, UnknownResource
+
+
+class FakeMemory:
+    """Guest memory as a processor plugin would expose it (read/write at guest-physical addresses)."""
+
+    def __init__(self, size: int) -> None:
+        self.data = bytearray(size)
+
+    def read(self, gpa: int, n: int) -> bytes:
+        return bytes(self.data[gpa : gpa + n])
+
+    def write(self, gpa: int, data: bytes) -> None:
+        self.data[gpa : gpa + len(data)] = data
+
+
+class FakeProcessor:
+    """Provides guest memory for launched VMs only, like the real processor plugin."""
+
+    def __init__(self) -> None:
+        self.memory: dict[str, FakeMemory] = {}
+
+    @hookimpl
+    def vmk_vm_launch(self, kernel, vm):
+        self.memory.setdefault(vm.id, FakeMemory(vm.memory_mib << 20))
+
+    @hookimpl
+    def vmk_guest_memory(self, kernel, vm):
+        return self.memory.get(vm.id)
+
+
+def kernel(tmp_path, *extra, **config):
+    return Kernel(
+        plugins=[storage_plugin, *extra],
+        autoload=False,
+        data_dir=tmp_path / "data",
+        config={"storage": config} if config else None,
+    )
+
+
+def test_unit_per_vm_and_contract_across_processes(tmp_path):
+    with kernel(tmp_path) as k:
+        vm = k.create_vm("web", memory_mib=32, role="frontend")
+        other = k.create_vm("db")
+        unit = k.storage_unit(vm)
+        assert unit.vm_id == vm.id and k.storage_unit(vm.id) is unit
+        unit.write("disk0", 4096, b"acknowledged")
+        unit.flush()
+        k.storage_unit(other).write("disk0", 0, b"db data")
+        k.storage_unit(other).flush()
+        with pytest.raises(CommingleRefused):
+            unit.write("disk0", 0, k.storage_unit(other).read("disk0", 0, 7))
+        k.save_vm(vm)
+        k.check_invariants()
+    script = textwrap.dedent(f"""
+        import vmkernel, vmk_storage.plugin as p
+        k2 = vmkernel.Kernel(data_dir={str(tmp_path / "data")!r}, plugins=[p], autoload=False)
+        units = k2.storage_units()
+        print(sorted(u.owner for u in units))
+        vm = k2.restore_vm({vm.id!r})
+        print(vm.name, vm.memory_mib, vm.options["role"], vm.state.value)
+        print(k2.storage_unit(vm).read("disk0", 4096, 12).decode())
+        k2.close()
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == str(sorted([vm.id, other.id]))
+    assert lines[1] == "web 32 frontend stopped"
+    assert lines[2] == "acknowledged"
+
+
+def test_unknown_vm_has_no_unit(tmp_path):
+    with kernel(tmp_path) as k:
+        with pytest.raises(UnknownResource):
+            k.storage_unit("00000000-0000-4000-8000-000000000001")
+        with pytest.raises(InvalidArgument):
+            k.storage_unit("not-a-vm-id")
+
+
+def test_save_and_restore_guest_memory_round_trip(tmp_path):
+    proc = FakeProcessor()
+    with kernel(tmp_path, proc) as k:
+        vm = k.create_vm("mem", memory_mib=2)
+        k.launch_vm(vm)
+        image = bytes(range(256)) * (8 << 10)  # 2 MiB with zero runs stored explicitly
+        proc.memory[vm.id].write(0, image)
+        k.save_vm(vm)
+        assert k.storage_unit(vm).read("memory", 0, len(image)) == image
+        vm_id = vm.id
+    proc2 = FakeProcessor()
+    with kernel(tmp_path, proc2) as k2:
+        restored = k2.restore_vm(vm_id)
+        assert vm_id not in proc2.memory  # stopped: the image waits for guest memory
+        k2.launch_vm(restored)
+        assert proc2.memory[vm_id].read(0, len(image)) == image
+        assert any(e.kind == "storage.memory_restored" for e in k2.journal.events)
+
+
+def test_save_without_processor_keeps_config_and_disks(tmp_path):
+    with kernel(tmp_path) as k:
+        vm = k.create_vm("plain")
+        k.save_vm(vm)
+        assert "memory" not in k.storage_unit(vm).volumes()
+        assert k.storage_unit(vm).read_config()["name"] == "plain"
+
+
+def test_destroy_retains_by_default_and_deletes_when_asked(tmp_path):
+    with kernel(tmp_path) as k:
+        keep = k.create_vm("keep")
+        gone = k.create_vm("gone", storage_on_destroy="delete")
+        for vm in (keep, gone):
+            k.storage_unit(vm).write("disk0", 0, b"x")
+            k.save_vm(vm)
+        k.destroy_vm(keep)
+        k.destroy_vm(gone)
+        assert [u.vm_id for u in k.storage_units()] == [keep.id]
+        assert k.restore_vm(keep.id).name == "keep"
+        with pytest.raises((InvalidArgument, HookFailed)) as err:
+            k.create_vm("bad", storage_on_destroy="shred")
+        assert isinstance(err.value, InvalidArgument) or isinstance(err.value.__cause__, InvalidArgument)
+        assert "bad" not in [v.name for v in k.vms()]  # the creation was vetoed
+    with kernel(tmp_path / "b", on_destroy="delete") as k:
+        vm = k.create_vm("v")
+        k.storage_unit(vm).write("disk0", 0, b"x")
+        k.destroy_vm(vm)
+        assert k.storage_units() == []
+
+
+def test_nbd_backend_through_the_kernel(tmp_path):
+    if storage_plugin.NbdBackend is None or __import__("shutil").which("qemu-nbd") is None:
+        pytest.skip("qemu-nbd not found: install Debian's qemu-utils")
+    with kernel(tmp_path, backend="nbd", nbd_capacity=16 << 20) as k:
+        vm = k.create_vm("n")
+        unit = k.storage_unit(vm)
+        assert unit.backend == "nbd"
+        unit.write("disk0", 0, b"over nbd")
+        k.save_vm(vm)
+        k.check_invariants()
+    with kernel(tmp_path) as k:  # the local backend reads what the NBD backend wrote
+        assert k.storage_unit(vm.id).read("disk0", 0, 8) == b"over nbd"
+
+
+def test_invariants_catch_a_lost_acknowledged_write(tmp_path):
+    with kernel(tmp_path) as k:
+        vm = k.create_vm("v")
+        unit = k.storage_unit(vm)
+        unit.write("disk0", 0, b"a" * 4096)
+        unit.flush()
+        k.check_invariants()
+        block = unit._cur.blocks[0][0][0]
+        with open(unit.image_path, "r+b") as f:  # the disk loses the block under the kernel
+            f.seek(block)
+            f.write(b"b")
+        checks = {inv.name: inv.check() for inv in k.invariants()}
+        assert "acknowledged block 0 of disk0" in checks["storage.acknowledged-readable"]
+
+
+def test_invariants_catch_a_foreign_stamp(tmp_path):
+    with kernel(tmp_path) as k:
+        vm = k.create_vm("v")
+        unit = k.storage_unit(vm)
+        unit.write("disk0", 0, b"a")
+        unit.flush()
+        pos = fmt.LOG_START
+        with open(unit.image_path, "r+b") as f:  # owner field of the first record
+            f.seek(pos + 24)
+            f.write(b"\xff" * 16)
+        checks = {inv.name: inv.check() for inv in k.invariants()}
+        assert "stamped" in checks["storage.no-commingling"]
+
+
+def test_report_and_demo(tmp_path):
+    from vmkernel.demo import DemoContext
+
+    with kernel(tmp_path) as k:
+        demo = DemoContext(io.StringIO(), plugin="storage")
+        storage_plugin.vmk_demo(k, demo)
+        assert demo.records["storage"] == {"units": 2, "clone_identical": True, "check_problems": 0}
+        section = storage_plugin.vmk_report(k)
+        assert section.title == "Storage units" and section.lines[0].startswith("2 units")
+
+
+def cli_group():
+    group = click.Group("vmkernel")
+    storage_plugin.vmk_cli_commands(group)
+    return group
+
+
+def test_cli_ls_and_check(tmp_path):
+    with kernel(tmp_path) as k:
+        vm = k.create_vm("v")
+        k.storage_unit(vm).write("disk0", 0, b"x" * 5000)
+        k.save_vm(vm)
+        image = k.storage_unit(vm).image_path
+    runner = CliRunner()
+    data = str(tmp_path / "data")
+    res = runner.invoke(cli_group(), ["storage", "ls", "--data-dir", data])
+    assert res.exit_code == 0, res.output
+    assert vm.id in res.output and "disk0 8192" in res.output and "1 units" in res.output
+    res = runner.invoke(cli_group(), ["storage", "check", "--data-dir", data])
+    assert res.exit_code == 0 and "0 with problems" in res.output
+    before = image.read_bytes()
+    with open(image, "r+b") as f:
+        f.seek(fmt.LOG_START + 200)
+        f.write(b"\x00\x01")
+    damaged = image.read_bytes()
+    res = runner.invoke(cli_group(), ["storage", "check", "--data-dir", data])
+    assert res.exit_code == 1 and "1 with problems" in res.output and vm.id in res.output
+    assert image.read_bytes() == damaged != before  # check changed nothing
+    assert (tmp_path / "data" / "storage" / vm.id / IMAGE).exists()
