@@ -25,7 +25,9 @@ with vmkernel.Kernel(seed=5, autoload=False) as k:
 
 def run_with(impl: str) -> str:
     env = {**os.environ, "VMKERNEL_IMPL": impl}
-    done = subprocess.run([sys.executable, "-c", SCENARIO], env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", SCENARIO], env=env, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
 
