@@ -15,6 +15,7 @@ $(BIN)/python:
 setup: $(BIN)/python
 	$(BIN)/pip install --quiet -e .
 	$(BIN)/pip install --quiet -e plugins
+	$(BIN)/pip install --quiet -e plugins/pysigma-backend-vmkernel --config-settings editable_mode=compat
 
 # Plus the test and lint tools and the example third-party plugin.
 setup-dev: setup

@@ -3,8 +3,8 @@
 # Append one section per wrapped vmk-core module; keep it in step with the
 # reference model of the same name in vmkernel/reference/.
 
-from collections.abc import Iterable
-from typing import final
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, final
 
 from typing_extensions import Buffer
 
@@ -12,8 +12,10 @@ from vmkernel.enums import Access, Domain
 
 # The extension sets __all__ (PyO3 does); add each new class here too.
 __all__ = [
+    "Determination",
     "JournalChain",
     "Processor",
+    "RuleEngine",
 ]
 
 # --- journal_chain ----------------------------------------------------------
@@ -93,3 +95,42 @@ class Processor:
     def invalidate_gpa(self, vm: int, gpa: int, length: int = 4096) -> None: ...
     def stats(self) -> dict[str, int]: ...
     def reset_stats(self) -> None: ...
+
+# --- rulevm -------------------------------------------------------------------
+
+@final
+class Determination:
+    """A halted rule instance's verdict; ``events`` are engine-wide event numbers, oldest first."""
+
+    def __new__(
+        cls, rule: str, context: str | None, verdict: str, events: Sequence[int], time_ns: int
+    ) -> Determination: ...
+    @property
+    def rule(self) -> str: ...
+    @property
+    def context(self) -> str | None: ...
+    @property
+    def verdict(self) -> str: ...
+    @property
+    def events(self) -> tuple[int, ...]: ...
+    @property
+    def time_ns(self) -> int: ...
+    def __eq__(self, value: object, /) -> bool: ...
+    def __hash__(self) -> int: ...
+
+@final
+class RuleEngine:
+    """Runs verified threat-rule programs over event streams."""
+
+    def __new__(cls, programs: Iterable[Buffer], *, max_instances: int | None = None) -> RuleEngine: ...
+    def feed(self, events: Iterable[Mapping[str, Any]]) -> list[Determination]: ...
+    def feed_jsonl(self, data: Buffer) -> list[Determination]: ...
+    @property
+    def rules(self) -> list[str]: ...
+    @property
+    def steps(self) -> int: ...
+    @property
+    def events_seen(self) -> int: ...
+    @property
+    def live_instances(self) -> int: ...
+    def stats(self) -> dict[str, dict[str, int]]: ...

@@ -6,9 +6,11 @@ behaviour and the differential tests hold these to it.  Add one import line
 and one ``__all__`` entry per fast path.
 """
 
-from vmkernel._core import JournalChain, Processor
+from vmkernel._core import Determination, JournalChain, Processor, RuleEngine
 
 __all__ = [
+    "Determination",
     "JournalChain",
     "Processor",
+    "RuleEngine",
 ]

@@ -8,8 +8,11 @@ and one ``__all__`` entry per model.
 
 from vmkernel.reference.journal_chain import JournalChain
 from vmkernel.reference.processor import Processor
+from vmkernel.reference.rulevm import Determination, RuleEngine
 
 __all__ = [
+    "Determination",
     "JournalChain",
     "Processor",
+    "RuleEngine",
 ]

@@ -9,3 +9,4 @@
 
 pub mod journal_chain;
 pub mod mmu;
+pub mod rulevm;

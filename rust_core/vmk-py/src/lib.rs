@@ -16,6 +16,7 @@ mod errors;
 // One line per wrapped vmk-core module.
 mod journal_chain;
 mod processor;
+mod rulevm;
 
 /// Rust fast paths of vmkernel; use them through `vmkernel.fast`.
 #[pymodule]
@@ -23,5 +24,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     // One line per wrapped vmk-core module.
     journal_chain::register(m)?;
     processor::register(m)?;
+    rulevm::register(m)?;
     Ok(())
 }
