@@ -4,8 +4,11 @@
 # reference model of the same name in vmkernel/reference/.
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, final
+from os import PathLike
+from typing import Any, ClassVar, final
 
+import numpy as np
+import numpy.typing as npt
 from typing_extensions import Buffer
 
 from vmkernel.enums import Access, Domain
@@ -14,6 +17,8 @@ from vmkernel.enums import Access, Domain
 __all__ = [
     "Determination",
     "JournalChain",
+    "Prefilter",
+    "PrefilterDecision",
     "Processor",
     "RuleEngine",
 ]
@@ -95,6 +100,95 @@ class Processor:
     def invalidate_gpa(self, vm: int, gpa: int, length: int = 4096) -> None: ...
     def stats(self) -> dict[str, int]: ...
     def reset_stats(self) -> None: ...
+
+# --- prefilter --------------------------------------------------------------
+
+@final
+class PrefilterDecision:
+    """The pre-filter's answer for one frame: ``verdict`` (0 BYPASS, 1 REDIRECT,
+    2 DROP), ``rule_id`` (``2**32 - 1`` for none), ``spi`` and ``si``."""
+
+    def __new__(cls, verdict: int, rule_id: int, spi: int, si: int) -> PrefilterDecision: ...
+    @property
+    def verdict(self) -> int: ...
+    @property
+    def rule_id(self) -> int: ...
+    @property
+    def spi(self) -> int: ...
+    @property
+    def si(self) -> int: ...
+    def __eq__(self, value: object, /) -> bool: ...
+    def __hash__(self) -> int: ...
+
+@final
+class Prefilter:
+    """Packet pre-filter for service insertion: rules, revision, flow cache."""
+
+    BYPASS: ClassVar[int]
+    REDIRECT: ClassVar[int]
+    DROP: ClassVar[int]
+    NO_RULE: ClassVar[int]
+    REASONS: ClassVar[tuple[str, ...]]
+    def __new__(
+        cls,
+        rules: str = "",
+        format: str = "text",
+        *,
+        action: str = "bypass",
+        spi: int = 1,
+        si: int = 255,
+        default_spi: int = 1,
+        default_si: int = 255,
+        flow_capacity: int = 65536,
+    ) -> Prefilter: ...
+    @classmethod
+    def from_text(cls, text: str, **options: Any) -> Prefilter: ...
+    @classmethod
+    def from_json(cls, text: str, **options: Any) -> Prefilter: ...
+    @classmethod
+    def from_classbench(cls, text: str, **options: Any) -> Prefilter: ...
+    def load(
+        self, rules: str, format: str = "text", *, action: str = "bypass", spi: int = 1, si: int = 255
+    ) -> int: ...
+    @property
+    def revision(self) -> int: ...
+    @property
+    def default_path(self) -> tuple[int, int]: ...
+    def __len__(self) -> int: ...
+    def to_text(self) -> str: ...
+    def to_json(self) -> str: ...
+    def to_classbench(self) -> str: ...
+    def classify(self, frame: Buffer, direction: str = "out") -> PrefilterDecision: ...
+    def classify_batch(
+        self, buffer: Buffer, offsets: Buffer, lengths: Buffer, direction: str = "out"
+    ) -> tuple[
+        npt.NDArray[np.uint8], npt.NDArray[np.uint32], npt.NDArray[np.uint32], npt.NDArray[np.uint8]
+    ]: ...
+    def classify_pcap(
+        self, path: str | PathLike[str], direction: str = "out"
+    ) -> tuple[
+        npt.NDArray[np.uint8], npt.NDArray[np.uint32], npt.NDArray[np.uint32], npt.NDArray[np.uint8]
+    ]: ...
+    @staticmethod
+    def read_capture(
+        path: str | PathLike[str],
+    ) -> tuple[bytes, npt.NDArray[np.uint32], npt.NDArray[np.uint32]]: ...
+    @staticmethod
+    def parse(frame: Buffer) -> dict[str, Any]: ...
+    @staticmethod
+    def nsh_encap(frame: Buffer, spi: int, si: int) -> bytes: ...
+    @property
+    def flow_cache(self) -> bool: ...
+    @flow_cache.setter
+    def flow_cache(self, on: bool) -> None: ...
+    @property
+    def flow_count(self) -> int: ...
+    @property
+    def flow_capacity(self) -> int: ...
+    def program_flow(self, frame: Buffer, verdict: int) -> bool: ...
+    def evict_flow(self, frame: Buffer) -> bool: ...
+    def flush_flows(self) -> int: ...
+    def inspect_batch(self, buffer: Buffer, offsets: Buffer, lengths: Buffer) -> npt.NDArray[np.uint8]: ...
 
 # --- rulevm -------------------------------------------------------------------
 

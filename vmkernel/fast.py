@@ -6,11 +6,13 @@ behaviour and the differential tests hold these to it.  Add one import line
 and one ``__all__`` entry per fast path.
 """
 
-from vmkernel._core import Determination, JournalChain, Processor, RuleEngine
+from vmkernel._core import Determination, JournalChain, Prefilter, PrefilterDecision, Processor, RuleEngine
 
 __all__ = [
     "Determination",
     "JournalChain",
+    "Prefilter",
+    "PrefilterDecision",
     "Processor",
     "RuleEngine",
 ]

@@ -237,7 +237,7 @@ rule "rapid relaunch" {
 def vmk_demo(kernel: Kernel, demo: Any) -> None:
     demo.step("threat: load a native rule (a VM launched twice within 10 s is stopped)")
     load_rules(kernel, compile_native(DEMO_RULES))
-    vm = kernel.create_vm("flappy", memory_mib=256)
+    vm = kernel.create_vm("flappy", memory_mib=16)
     kernel.launch_vm(vm)
     kernel.stop_vm(vm)
     kernel.launch_vm(vm)

@@ -144,7 +144,9 @@ def test_pysigma_discovers_the_backend() -> None:
 
     backends = InstalledSigmaPlugins.autodiscover().backends
     if "vmkernel" not in backends:
-        pytest.skip("pysigma-backend-vmkernel is not installed (pip install -e plugins/pysigma-backend-vmkernel)")
+        pytest.skip(
+            "pysigma-backend-vmkernel is not installed (pip install -e plugins/pysigma-backend-vmkernel)"
+        )
     from sigma.collection import SigmaCollection
 
     listing = backends["vmkernel"]().convert(SigmaCollection.from_yaml(RULE))

@@ -7,12 +7,15 @@ and one ``__all__`` entry per model.
 """
 
 from vmkernel.reference.journal_chain import JournalChain
+from vmkernel.reference.prefilter import Prefilter, PrefilterDecision
 from vmkernel.reference.processor import Processor
 from vmkernel.reference.rulevm import Determination, RuleEngine
 
 __all__ = [
     "Determination",
     "JournalChain",
+    "Prefilter",
+    "PrefilterDecision",
     "Processor",
     "RuleEngine",
 ]

@@ -9,4 +9,5 @@
 
 pub mod journal_chain;
 pub mod mmu;
+pub mod prefilter;
 pub mod rulevm;

@@ -15,6 +15,7 @@ mod errors;
 
 // One line per wrapped vmk-core module.
 mod journal_chain;
+mod prefilter;
 mod processor;
 mod rulevm;
 
@@ -23,6 +24,7 @@ mod rulevm;
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     // One line per wrapped vmk-core module.
     journal_chain::register(m)?;
+    prefilter::register(m)?;
     processor::register(m)?;
     rulevm::register(m)?;
     Ok(())
