@@ -39,7 +39,7 @@ lint: setup-dev
 	$(BIN)/mypy
 
 stubtest: setup-dev
-	$(BIN)/python -m mypy.stubtest vmkernel._core --allowlist .stubtest-allowlist
+	$(BIN)/python -m mypy.stubtest vmkernel._core
 
 check: test rust-test lint stubtest
 
