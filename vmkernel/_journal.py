@@ -23,8 +23,6 @@ from vmkernel.errors import InvalidArgument
 
 __all__ = ["Event", "Journal"]
 
-_DUMPS_OPTS = orjson.OPT_SORT_KEYS
-
 
 @dataclass(frozen=True, slots=True)
 class Event:
@@ -46,19 +44,27 @@ class Event:
         }
 
 
-def encode_event(seq: int, time_ns: int, kind: str, subject: str, data: Mapping[str, Any]) -> bytes:
-    """The canonical JSON line of an event (without the newline)."""
-    if not isinstance(kind, str) or not kind:
-        raise InvalidArgument("event kind", kind, "a non-empty str such as 'vm.launch'")
-    if not isinstance(subject, str):
-        raise InvalidArgument("event subject", subject, "a str resource id")
-    try:
-        return orjson.dumps(
-            {"seq": seq, "time_ns": time_ns, "kind": kind, "subject": subject, "data": data},
-            option=_DUMPS_OPTS,
+def canonical_line(seq: int, time_ns: int, kind: str, subject: str, data_json: bytes) -> bytes:
+    """The canonical JSON line of an event (no newline): keys sorted, compact.
+
+    ``data_json`` is the event data already serialised with sorted keys (the
+    kernel serialises it when the event is emitted, which validates it).
+    """
+    return b"".join(
+        (
+            b'{"data":',
+            data_json,
+            b',"kind":',
+            orjson.dumps(kind),
+            b',"seq":',
+            str(seq).encode(),
+            b',"subject":',
+            orjson.dumps(subject),
+            b',"time_ns":',
+            str(time_ns).encode(),
+            b"}",
         )
-    except TypeError as exc:
-        raise InvalidArgument(f"data of event {kind}", data, f"JSON-serialisable values ({exc})") from None
+    )
 
 
 class Journal:
@@ -72,9 +78,14 @@ class Journal:
         self._hashed = 0  # lines already folded into _chain
 
     # -- appending (the kernel calls this when an operation commits) --------
-    def _append(self, event: Event, line: bytes) -> None:
+    def _append(
+        self, time_ns: int, kind: str, subject: str, data_json: bytes, data: Mapping[str, Any]
+    ) -> Event:
+        seq = len(self._events)
+        event = Event(seq, time_ns, kind, subject, data)
         self._events.append(event)
-        self._lines.append(line)
+        self._lines.append(canonical_line(seq, time_ns, kind, subject, data_json))
+        return event
 
     # -- reading -------------------------------------------------------------
     def __len__(self) -> int:

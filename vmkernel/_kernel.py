@@ -25,17 +25,17 @@ import shutil
 import tempfile
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import orjson
 import pluggy
 
 from vmkernel._clock import Clock
 from vmkernel._journal import Event, Journal
-from vmkernel._plugins import PluginInfo, build_plugin_manager, describe_plugins
+from vmkernel._plugins import PluginInfo, build_plugin_manager, call_impl, describe_plugins
 from vmkernel._resources import (
     VM,
     Container,
@@ -63,7 +63,6 @@ from vmkernel.errors import (
 
 __all__ = ["Kernel"]
 
-R = TypeVar("R")
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _MAX_MEMORY_MIB = 1 << 24  # 16 TiB: larger than any host we emulate
@@ -233,7 +232,7 @@ class Kernel:
         try:
             for impl in self.hook.vmk_unconfigure.get_hookimpls()[::-1]:
                 try:
-                    impl.function(*[{"kernel": self}[n] for n in impl.argnames])
+                    call_impl(impl, kernel=self)
                 except Exception as exc:  # every plugin must get the chance to release its resources
                     failures.append((impl.plugin_name, exc))
         finally:
@@ -296,25 +295,7 @@ class Kernel:
     def _commit(self, records: list[_Record]) -> None:
         journal = self.journal
         for time_ns, kind, subject, data_json, data, _durable in records:
-            seq = len(journal)
-            # Canonical line, keys in sorted order: data, kind, seq, subject, time_ns.
-            line = b"".join(
-                (
-                    b'{"data":',
-                    data_json,
-                    b',"kind":',
-                    orjson.dumps(kind),
-                    b',"seq":',
-                    str(seq).encode(),
-                    b',"subject":',
-                    orjson.dumps(subject),
-                    b',"time_ns":',
-                    str(time_ns).encode(),
-                    b"}",
-                )
-            )
-            event = Event(seq, time_ns, kind, subject, data)
-            journal._append(event, line)
+            event = journal._append(time_ns, kind, subject, data_json, data)
             self._broadcast_queue.append(event)
         self._drain_broadcast()
 
@@ -332,10 +313,9 @@ class Kernel:
                 event = queue.popleft()
                 # Each observer on its own: one failing never hides the event from the
                 # others, and a failure on a plugin.error event is not reported again.
-                args = {"kernel": self, "event": event}
                 for impl in observers:
                     try:
-                        impl.function(*[args[n] for n in impl.argnames])
+                        call_impl(impl, kernel=self, event=event)
                     except Exception as exc:
                         if event.kind != "plugin.error":
                             self.emit(
@@ -438,10 +418,9 @@ class Kernel:
             self._commit(pending.events)
 
     def _rolled_back(self, operation: str, subject: str, exc: BaseException) -> None:
-        args = {"kernel": self, "operation": operation, "subject": subject, "error": exc}
         for impl in reversed(self.hook.vmk_rollback.get_hookimpls()):
             try:
-                impl.function(*[args[n] for n in impl.argnames])
+                call_impl(impl, kernel=self, operation=operation, subject=subject, error=exc)
             except Exception as err:
                 self.emit(
                     "plugin.error",
@@ -997,11 +976,3 @@ class Kernel:
         sections = [ReportSection("kernel", lines)]
         sections.extend(s for s in self._query("vmk_report") if s is not None)
         return sections
-
-
-def call_quietly(fn: Callable[[], R]) -> R | None:
-    """Run ``fn`` and return ``None`` if it raises a vmkernel error (for reporting code)."""
-    try:
-        return fn()
-    except VmkError:
-        return None

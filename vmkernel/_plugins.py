@@ -26,6 +26,7 @@ __all__ = [
     "ENTRY_POINT_GROUP",
     "PluginInfo",
     "build_plugin_manager",
+    "call_impl",
     "describe_plugins",
 ]
 
@@ -112,6 +113,16 @@ def build_plugin_manager(
             _plugin_name(exc.plugin), str(exc), "only hooks that vmkernel defines (misspelled?)"
         ) from exc
     return pm
+
+
+def call_impl(impl: Any, **kwargs: Any) -> Any:
+    """Call one hook implementation with just the arguments it declares.
+
+    For hooks where each plugin must be called on its own (observers, rollback,
+    unconfigure), so that one failure cannot hide the call from the others;
+    pluggy lets an implementation declare fewer arguments than the spec.
+    """
+    return impl.function(*[kwargs[name] for name in impl.argnames])
 
 
 def describe_plugins(pm: pluggy.PluginManager) -> list[PluginInfo]:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from vmkernel._kernel import Kernel
+from vmkernel._plugins import call_impl
 from vmkernel._results import ReportSection
 from vmkernel.errors import InvalidArgument, VmkError
 
@@ -125,8 +126,7 @@ def run_demo(
             print(f"[{index}/{len(ordered)}] {name}", file=out, flush=True)
             started = time.perf_counter()  # for the progress line only; never enters the kernel
             try:
-                args = {"kernel": k, "demo": ctx}
-                impls[name].function(*[args[n] for n in impls[name].argnames])
+                call_impl(impls[name], kernel=k, demo=ctx)
             except VmkError as exc:
                 errors[name] = f"{type(exc).__name__}: {exc}"
             except Exception as exc:
