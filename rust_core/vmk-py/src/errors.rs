@@ -34,3 +34,29 @@ where
 {
     BufferLayoutError::new_err((thing.into(), value, expected.into()))
 }
+
+/// A batch whose `offsets` and `lengths` differ in length (shared by every
+/// `(buffer, offsets, lengths)` batch API, so they all say it the same way).
+pub(crate) fn batch_length_mismatch(offsets: usize, lengths: usize) -> PyErr {
+    buffer_layout("len(lengths)", lengths, format!("{offsets} (len(offsets))"))
+}
+
+/// Batch item `index` ends at `end`, past the buffer (or past 2**64 when
+/// `overflow`).
+pub(crate) fn batch_out_of_bounds(
+    index: usize,
+    end: u128,
+    buffer_len: usize,
+    overflow: bool,
+) -> PyErr {
+    let expected = if overflow {
+        format!("below 2**64 and at most {buffer_len} (len(buffer))")
+    } else {
+        format!("at most {buffer_len} (len(buffer))")
+    };
+    buffer_layout(
+        format!("offsets[{index}] + lengths[{index}]"),
+        end,
+        expected,
+    )
+}

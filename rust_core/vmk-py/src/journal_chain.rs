@@ -15,7 +15,7 @@ use pyo3::types::PyBytes;
 use vmk_core::journal_chain::{ChainError, JournalChain};
 
 use crate::buffers::{bytes_of, export, u64s_of, U64_EXPECTED};
-use crate::errors::{buffer_layout, invalid_argument};
+use crate::errors::{batch_length_mismatch, batch_out_of_bounds, invalid_argument};
 
 /// Lines at least this long are hashed with the GIL released by `update`.
 const DETACH_THRESHOLD: usize = 4096;
@@ -25,28 +25,28 @@ const BYTES_LIKE: &str = "a bytes-like object";
 /// Maps a core error to the Python error the reference raises for it.
 fn to_py_err(err: ChainError) -> PyErr {
     match err {
-        ChainError::LengthMismatch { offsets, lengths } => {
-            buffer_layout("len(lengths)", lengths, format!("{offsets} (len(offsets))"))
-        }
+        ChainError::LengthMismatch { offsets, lengths } => batch_length_mismatch(offsets, lengths),
         ChainError::Overflow {
             index,
             offset,
             length,
             buffer_len,
-        } => buffer_layout(
-            format!("offsets[{index}] + lengths[{index}]"),
+        } => batch_out_of_bounds(
+            index,
             u128::from(offset) + u128::from(length),
-            format!("below 2**64 and at most {buffer_len} (len(buffer))"),
+            buffer_len,
+            true,
         ),
         ChainError::OutOfBounds {
             index,
             offset,
             length,
             buffer_len,
-        } => buffer_layout(
-            format!("offsets[{index}] + lengths[{index}]"),
+        } => batch_out_of_bounds(
+            index,
             u128::from(offset) + u128::from(length),
-            format!("at most {buffer_len} (len(buffer))"),
+            buffer_len,
+            false,
         ),
     }
 }

@@ -30,7 +30,7 @@ use vmk_core::prefilter::{
 };
 
 use crate::buffers::{bytes_of, export};
-use crate::errors::{buffer_layout, invalid_argument};
+use crate::errors::{batch_length_mismatch, batch_out_of_bounds, buffer_layout, invalid_argument};
 
 pyo3::import_exception!(vmkernel.errors, RuleError);
 pyo3::import_exception!(vmkernel.errors, CaptureError);
@@ -64,18 +64,17 @@ fn capture_err(path: &str, err: CoreCaptureError) -> PyErr {
 
 fn batch_err(err: BatchError) -> PyErr {
     match err {
-        BatchError::LengthMismatch { offsets, lengths } => {
-            buffer_layout("len(lengths)", lengths, format!("{offsets} (len(offsets))"))
-        }
+        BatchError::LengthMismatch { offsets, lengths } => batch_length_mismatch(offsets, lengths),
         BatchError::OutOfBounds {
             index,
             offset,
             length,
             buffer_len,
-        } => buffer_layout(
-            format!("offsets[{index}] + lengths[{index}]"),
-            u64::from(offset) + u64::from(length),
-            format!("at most {buffer_len} (len(buffer))"),
+        } => batch_out_of_bounds(
+            index,
+            u128::from(offset) + u128::from(length),
+            buffer_len,
+            false,
         ),
     }
 }
