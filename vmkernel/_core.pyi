@@ -21,6 +21,8 @@ __all__ = [
     "PrefilterDecision",
     "Processor",
     "RuleEngine",
+    "crc32c_blocks",
+    "crc32c_first_mismatch",
 ]
 
 # --- journal_chain ----------------------------------------------------------
@@ -228,3 +230,11 @@ class RuleEngine:
     @property
     def live_instances(self) -> int: ...
     def stats(self) -> dict[str, dict[str, int]]: ...
+
+# --- blockcrc ---------------------------------------------------------------
+
+def crc32c_blocks(data: Buffer, block_size: int = 4096) -> bytes:
+    """CRC-32C of each ``block_size``-byte block of ``data``, as little-endian u32s."""
+
+def crc32c_first_mismatch(data: Buffer, table: Buffer, block_size: int = 4096) -> int | None:
+    """Index of the first block of ``data`` whose CRC-32C differs from ``table``, or None."""

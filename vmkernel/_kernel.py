@@ -706,18 +706,39 @@ class Kernel:
         with self._operation("link.sample", f"link:{link.id}", KERNEL_PRINCIPAL, authorize=False):
             self._call("vmk_link_sample", "link.sample", f"link:{link.id}", link=link, sample=sample)
 
-    def send_frames(self, ref: VM | str, frames: Sequence[bytes], nic: int = 0) -> list[Any]:
-        """A batch of frames leaves ``nic`` of a running VM; returns each plugin's result."""
+    def _frames_call(
+        self, ref: VM | str, frames: Sequence[bytes], nic: int, *, hook: str, operation: str, verb: str
+    ) -> list[Any]:
+        """One batch of frames through one hook, inside one operation (the two directions share it)."""
         vm = self.vm(ref)
         if vm.state is not VMState.RUNNING:
-            raise IllegalTransition("vm", vm.id, vm.state.value, "send frames", [VMState.RUNNING.value])
+            raise IllegalTransition("vm", vm.id, vm.state.value, verb, [VMState.RUNNING.value])
         _check_int("nic", nic, 0, 255)
         if isinstance(frames, bytes | bytearray | str) or not isinstance(frames, Sequence):
             raise InvalidArgument("frames", type(frames).__name__, "a sequence of frames (bytes each)")
+        for i, frame in enumerate(frames):
+            if not isinstance(frame, bytes | bytearray):
+                raise InvalidArgument(f"frames[{i}]", type(frame).__name__, "a frame as bytes or bytearray")
         subject = f"vm:{vm.id}"
-        with self._operation("net.send", subject, KERNEL_PRINCIPAL, authorize=False):
-            results = self._call("vmk_frames_out", "net.send", subject, vm=vm, nic=nic, frames=frames)
+        with self._operation(operation, subject, KERNEL_PRINCIPAL, authorize=False):
+            results = self._call(hook, operation, subject, vm=vm, nic=nic, frames=frames)
         return [r for r in results if r is not None]
+
+    def send_frames(self, ref: VM | str, frames: Sequence[bytes], nic: int = 0) -> list[Any]:
+        """A batch of frames leaves ``nic`` of a running VM; returns each plugin's result."""
+        return self._frames_call(
+            ref, frames, nic, hook="vmk_frames_out", operation="net.send", verb="send frames"
+        )
+
+    def deliver_frames(self, ref: VM | str, frames: Sequence[bytes], nic: int = 0) -> list[Any]:
+        """A batch of frames arrives at ``nic`` of a running VM; returns each plugin's result.
+
+        The mirror of :meth:`send_frames`: same checks, one ``vmk_frames_in``
+        call per batch inside a ``net.deliver`` operation.
+        """
+        return self._frames_call(
+            ref, frames, nic, hook="vmk_frames_in", operation="net.deliver", verb="deliver frames"
+        )
 
     # ----------------------------------------------------------- disks, images
     def register_image(self, name: str, *, principal: str | None = None, **meta: Any) -> Image:

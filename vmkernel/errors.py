@@ -297,6 +297,7 @@ __all__ += [
     "CommingleRefused",
     "CorruptUnit",
     "DiskFull",
+    "DiskImageError",
     "OwnerMismatch",
     "QuotaExceeded",
     "StorageError",
@@ -364,6 +365,17 @@ class UnitDestroyed(StorageError):
 
 class UnitBusy(StorageError):
     """Another process has the unit open for writing."""
+
+
+class DiskImageError(InvalidArgument):
+    """A raw or qcow2 disk image file cannot be imported into a unit (``path``, byte ``offset``)."""
+
+    def __init__(self, path: str, offset: int | None, problem: str, value: Any, expected: str) -> None:
+        self.path = path
+        self.offset = offset
+        self.problem = problem
+        where = f"disk image {path}" + (f" at byte {offset}" if offset is not None else "")
+        super().__init__(f"{where}: {problem}", value, expected)
 
 
 # ---------------------------------------------------------------------------

@@ -6,7 +6,16 @@ behaviour and the differential tests hold these to it.  Add one import line
 and one ``__all__`` entry per fast path.
 """
 
-from vmkernel._core import Determination, JournalChain, Prefilter, PrefilterDecision, Processor, RuleEngine
+from vmkernel._core import (
+    Determination,
+    JournalChain,
+    Prefilter,
+    PrefilterDecision,
+    Processor,
+    RuleEngine,
+    crc32c_blocks,
+    crc32c_first_mismatch,
+)
 
 __all__ = [
     "Determination",
@@ -15,4 +24,6 @@ __all__ = [
     "PrefilterDecision",
     "Processor",
     "RuleEngine",
+    "crc32c_blocks",
+    "crc32c_first_mismatch",
 ]

@@ -351,9 +351,28 @@ def vmk_frames_out(kernel: Kernel, vm: VM, nic: int, frames: Sequence[bytes]) ->
     """
 
 
+@hookspec
+def vmk_frames_in(kernel: Kernel, vm: VM, nic: int, frames: Sequence[bytes]) -> Any:
+    """A batch of frames arrives at a VM's virtual NIC, to be delivered to the VM.
+
+    The mirror of :func:`vmk_frames_out`: called once per batch, never per
+    frame.  A plugin that steers traffic (the pre-filter) classifies the
+    whole batch in one call, as inbound traffic, and returns a summary
+    object; the kernel returns every non-``None`` result.
+
+    :param kernel: the kernel.
+    :param vm: the receiving VM.
+    :param nic: the NIC index on that VM.
+    :param frames: the raw Ethernet frames.
+    """
+
+
 @hookspec(firstresult=True)
 def vmk_service_path(kernel: Kernel, vm: VM, nic: int, direction: str) -> tuple[int, int] | None:
     """Look up the service path (SPI, SI) for traffic of ``vm``'s NIC in ``direction``.
+
+    ``direction`` is the way the traffic flows: ``"out"`` for frames the VM
+    sends, ``"in"`` for frames delivered to it.
 
     :param kernel: the kernel.
     :param vm: the VM.
@@ -370,7 +389,8 @@ def vmk_security_inspect(kernel: Kernel, vm: VM, frames: Sequence[bytes]) -> Any
     non-``None`` result wins, so a user's plugin can replace the default.
 
     :param kernel: the kernel.
-    :param vm: the sending VM.
+    :param vm: the VM whose traffic it is (the sender of outbound frames, the
+        receiver of inbound ones).
     :param frames: the redirected frames.
     """
 

@@ -2,12 +2,17 @@
 
 Design: per kernel (under :data:`KEY`) the plugin keeps one
 :class:`vmkernel.fast.Prefilter`, a *service table* mapping a VM's NIC and
-direction to a service path ``(spi, si)``, and counters.  A batch of frames
-leaving a NIC that has a service path crosses into Rust once: the pre-filter
-classifies the whole batch, frames it redirects (including everything it
-cannot vouch for) go to the security component in one
+direction (``in``, ``out`` or ``inout`` for both) to a service path
+``(spi, si)``, and counters.  A batch of frames leaving a NIC
+(``vmk_frames_out``) or arriving at one (``vmk_frames_in``) that has a
+service path for that direction crosses into Rust once: the pre-filter
+classifies the whole batch with the direction, so rules with ``dir=in`` or
+``dir=out`` see only their traffic; frames it redirects (including
+everything it cannot vouch for) go to the security component in one
 ``vmk_security_inspect`` call, and the rest is delivered or dropped.  Frames
-redirected without a rule take the NIC's service path.  The default security
+redirected without a rule take the NIC's service path.  Outbound frames are
+delivered to the VM owning the destination address (else the uplink),
+inbound frames to the receiving VM.  The default security
 component (``trylast``, so any user's implementation wins) inspects TCP
 handshakes and programs the flow cache so the rest of an approved flow
 bypasses it.  If the security component fails, the configured failure
@@ -23,7 +28,7 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +44,10 @@ __all__ = ["KEY", "PrefilterState", "load_rules", "service_path", "set_service_p
 
 BYPASS, REDIRECT, DROP = Prefilter.BYPASS, Prefilter.REDIRECT, Prefilter.DROP
 NO_RULE = Prefilter.NO_RULE
+#: Directions of traffic: frames a VM receives (``in``) or sends (``out``).
 DIRECTIONS = ("in", "out")
+#: Directions of a service-table entry: ``inout`` steers both ways.
+SERVICE_DIRECTIONS = ("in", "out", "inout")
 FAILURE_POLICIES = ("block", "allow")
 #: Frames per classify call in the CLI; bigger captures get a progress bar.
 CLI_CHUNK = 65536
@@ -53,9 +61,14 @@ class PrefilterState:
 
     prefilter: Prefilter
     failure_policy: str = "block"
-    #: (vm id, nic, direction) -> (spi, si)
+    #: (vm id, nic, direction) -> (spi, si); direction is ``in``, ``out`` or ``inout``
     services: dict[tuple[str, int, str], tuple[int, int]] = field(default_factory=dict)
+    #: totals over both directions
     counters: Counter[str] = field(default_factory=Counter)
+    #: the same counters per traffic direction (``in``, ``out``)
+    by_direction: dict[str, Counter[str]] = field(
+        default_factory=lambda: {direction: Counter() for direction in DIRECTIONS}
+    )
     rule_hits: Counter[int] = field(default_factory=Counter)
     inbox: dict[str, list[bytes]] = field(default_factory=dict)
 
@@ -84,10 +97,15 @@ def load_rules(kernel: Kernel, rules: str, format: str = "text", **options: Any)
 
 
 def set_service_path(kernel: Kernel, vm: VM | str, nic: int, direction: str, spi: int, si: int = 255) -> None:
-    """Steers ``vm``'s traffic on ``nic`` in ``direction`` through the pre-filter on path ``(spi, si)``."""
+    """Steers ``vm``'s traffic on ``nic`` in ``direction`` through the pre-filter on path ``(spi, si)``.
+
+    ``direction`` is ``in`` (frames delivered to the VM), ``out`` (frames it
+    sends) or ``inout`` (both); an ``in`` or ``out`` entry of the same NIC
+    takes precedence over an ``inout`` one.
+    """
     target = kernel.vm(vm)
-    if direction not in DIRECTIONS:
-        raise InvalidArgument("direction", direction, "'in' or 'out'")
+    if direction not in SERVICE_DIRECTIONS:
+        raise InvalidArgument("direction", direction, "'in', 'out' or 'inout'")
     for thing, value, hi, lo in (("nic", nic, 255, 0), ("spi", spi, 2**24 - 1, 0), ("si", si, 255, 1)):
         if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
             raise InvalidArgument(thing, value, f"an integer {lo}..{hi}")
@@ -96,7 +114,12 @@ def set_service_path(kernel: Kernel, vm: VM | str, nic: int, direction: str, spi
 
 
 def service_path(kernel: Kernel, vm: VM | str, nic: int, direction: str) -> tuple[int, int] | None:
-    """The service path of ``vm``'s ``nic`` in ``direction`` (through ``vmk_service_path``)."""
+    """The service path of ``vm``'s ``nic`` for traffic in ``direction`` (through ``vmk_service_path``).
+
+    ``direction`` is the way the traffic flows, ``in`` or ``out``.
+    """
+    if direction not in DIRECTIONS:
+        raise InvalidArgument("direction", direction, "'in' or 'out' (the way the traffic flows)")
     result: tuple[int, int] | None = kernel.hook.vmk_service_path(
         kernel=kernel, vm=kernel.vm(vm), nic=nic, direction=direction
     )
@@ -112,6 +135,10 @@ def _layout(frames: Sequence[bytes]) -> tuple[bytes, memoryview, memoryview]:
     return b"".join(frames), offsets.data, lengths.data
 
 
+#: Hands kept frames to their receivers; returns frames per receiver (VM id or ``uplink``).
+Deliver = Callable[[Kernel, PrefilterState, list[bytes]], dict[str, int]]
+
+
 def _deliver(kernel: Kernel, st: PrefilterState, frames: list[bytes]) -> dict[str, int]:
     """Hands frames to the VM owning the destination IPv4/IPv6 address (``ip`` option), else the uplink."""
     owners = {str(v.options.get("ip")): v.id for v in kernel.vms() if v.options.get("ip")}
@@ -122,10 +149,25 @@ def _deliver(kernel: Kernel, st: PrefilterState, frames: list[bytes]) -> dict[st
         address = _address_text(dst) if isinstance(dst, bytes) else None
         owner = owners.get(address or "", "uplink")
         per_vm[owner] += 1
-        box = st.inbox.setdefault(owner, [])
-        if len(box) < INBOX_LIMIT:
-            box.append(frame)
+        _to_inbox(st, owner, [frame])
     return dict(per_vm)
+
+
+def _deliver_to(vm: VM) -> Deliver:
+    """Delivery of inbound frames: all of them reach the receiving VM, whatever their address."""
+
+    def deliver(kernel: Kernel, st: PrefilterState, frames: list[bytes]) -> dict[str, int]:
+        _to_inbox(st, vm.id, frames)
+        return {vm.id: len(frames)} if frames else {}
+
+    return deliver
+
+
+def _to_inbox(st: PrefilterState, owner: str, frames: list[bytes]) -> None:
+    if not frames:
+        return
+    box = st.inbox.setdefault(owner, [])
+    box.extend(frames[: max(0, INBOX_LIMIT - len(box))])
 
 
 def _address_text(raw: bytes) -> str:
@@ -152,7 +194,9 @@ def vmk_configure(kernel: Kernel) -> None:
 
 @hookimpl
 def vmk_service_path(kernel: Kernel, vm: VM, nic: int, direction: str) -> tuple[int, int] | None:
-    return state(kernel).services.get((vm.id, nic, direction))
+    services = state(kernel).services
+    found = services.get((vm.id, nic, direction))
+    return found if found is not None else services.get((vm.id, nic, "inout"))
 
 
 @hookimpl
@@ -170,21 +214,36 @@ def vmk_security_inspect(kernel: Kernel, vm: VM, frames: Sequence[bytes]) -> Any
 
 @hookimpl
 def vmk_frames_out(kernel: Kernel, vm: VM, nic: int, frames: Sequence[bytes]) -> dict[str, Any] | None:
+    return _steer(kernel, vm, nic, frames, "out", _deliver)
+
+
+@hookimpl
+def vmk_frames_in(kernel: Kernel, vm: VM, nic: int, frames: Sequence[bytes]) -> dict[str, Any] | None:
+    return _steer(kernel, vm, nic, frames, "in", _deliver_to(vm))
+
+
+def _count(st: PrefilterState, direction: str, counts: Mapping[str, int]) -> None:
+    st.counters.update(counts)
+    st.by_direction[direction].update(counts)
+
+
+def _steer(
+    kernel: Kernel, vm: VM, nic: int, frames: Sequence[bytes], direction: str, deliver: Deliver
+) -> dict[str, Any] | None:
+    """One batch in one direction: classify, inspect what is redirected, deliver the rest."""
     st = state(kernel)
     n = len(frames)
-    path = service_path(kernel, vm, nic, "out")
+    path = service_path(kernel, vm, nic, direction)
     subject = f"vm:{vm.id}"
     if path is None or n == 0:
-        delivered = _deliver(kernel, st, list(frames))
-        st.counters["frames"] += n
-        st.counters["unsteered"] += n
-        st.counters["delivered"] += n
+        delivered = deliver(kernel, st, list(frames))
+        _count(st, direction, {"frames": n, "unsteered": n, "delivered": n})
         return (
             None if n == 0 else {"frames": n, "steered": False, "delivered": n, "dropped": 0, "to": delivered}
         )
     pf = st.prefilter
     buffer, offsets, lengths = _layout(frames)
-    verdicts, rule_ids, spis, sis = pf.classify_batch(buffer, offsets, lengths, "out")
+    verdicts, rule_ids, spis, sis = pf.classify_batch(buffer, offsets, lengths, direction)
     # Fail-closed redirects (no rule) take this NIC's service path.
     unruled = (verdicts == REDIRECT) & (rule_ids == NO_RULE) & (spis == pf.default_path[0])
     spis[unruled], sis[unruled] = path
@@ -209,7 +268,7 @@ def vmk_frames_out(kernel: Kernel, vm: VM, nic: int, frames: Sequence[bytes]) ->
             inspected = np.full(len(to_inspect), BYPASS if st.failure_policy == "allow" else DROP, np.uint8)
         final[redirected] = inspected
     keep = [frames[i] for i in np.flatnonzero(final == BYPASS).tolist()]
-    to = _deliver(kernel, st, keep)
+    to = deliver(kernel, st, keep)
     counts = {
         "frames": n,
         "bypass": int((verdicts == BYPASS).sum()),
@@ -219,12 +278,13 @@ def vmk_frames_out(kernel: Kernel, vm: VM, nic: int, frames: Sequence[bytes]) ->
         "delivered": len(keep),
         "dropped": n - len(keep),
     }
-    st.counters.update(counts)
+    _count(st, direction, counts)
     ids, hits = np.unique(rule_ids, return_counts=True)
     st.rule_hits.update({int(i): int(h) for i, h in zip(ids.tolist(), hits.tolist(), strict=True)})
     kernel.emit(
         "prefilter.batch",
         subject,
+        direction=direction,
         nic=nic,
         spi=path[0],
         si=path[1],
@@ -233,7 +293,14 @@ def vmk_frames_out(kernel: Kernel, vm: VM, nic: int, frames: Sequence[bytes]) ->
         failure=failure,
         **counts,
     )
-    return {**counts, "steered": True, "to": to, "spis": spis.tolist(), "sis": sis.tolist()}
+    return {
+        **counts,
+        "steered": True,
+        "direction": direction,
+        "to": to,
+        "spis": spis.tolist(),
+        "sis": sis.tolist(),
+    }
 
 
 def _counters_add_up(kernel: Kernel) -> str | None:
@@ -247,6 +314,10 @@ def _counters_add_up(kernel: Kernel) -> str | None:
         return f"delivered {c['delivered']} + dropped {c['dropped']} != {c['frames']} frames"
     if c["dropped"] != c["drop"] + c["security_drop"]:
         return f"dropped {c['dropped']} != pre-filter drops {c['drop']} + security drops {c['security_drop']}"
+    split = state(kernel).by_direction
+    for name, total in c.items():
+        if split["in"][name] + split["out"][name] != total:
+            return f"{name}: inbound {split['in'][name]} + outbound {split['out'][name]} != total {total}"
     return None
 
 
@@ -255,6 +326,8 @@ def _service_table_valid(kernel: Kernel) -> str | None:
     for (vm_id, nic, direction), (spi, si) in state(kernel).services.items():
         if vm_id not in live:
             return f"service path for destroyed vm {vm_id} nic {nic} {direction}"
+        if direction not in SERVICE_DIRECTIONS:
+            return f"service path of vm {vm_id} nic {nic} has direction {direction!r}"
         if not (0 <= spi < 2**24 and 1 <= si <= 255):
             return f"service path ({spi}, {si}) of vm {vm_id} is not a valid SPI/SI"
     return None
@@ -279,12 +352,14 @@ def vmk_invariants(kernel: Kernel) -> list[Invariant]:
 @hookimpl
 def vmk_report(kernel: Kernel) -> ReportSection:
     st = state(kernel)
-    pf, c = st.prefilter, st.counters
+    pf, c, inbound = st.prefilter, st.counters, st.by_direction["in"]
     lines = [
         f"rules: {len(pf)} (revision {pf.revision}), flows cached: {pf.flow_count}/{pf.flow_capacity}",
         f"service paths: {len(st.services)}, failure policy: {st.failure_policy}",
         f"frames: {c['frames']} (bypass {c['bypass']}, redirect {c['redirect']}, drop {c['drop']}, "
         f"unsteered {c['unsteered']})",
+        f"inbound: {inbound['frames']} frames (bypass {inbound['bypass']}, redirect {inbound['redirect']}, "
+        f"drop {inbound['drop']}, unsteered {inbound['unsteered']})",
         f"security component: dropped {c['security_drop']} of {c['redirect']} inspected; "
         f"delivered {c['delivered']}",
     ]
@@ -296,6 +371,8 @@ DEMO_RULES = """\
 redirect spi=100 si=255 proto=tcp dport=80-443
 bypass proto=udp dport=53
 drop proto=tcp dport=23
+# SSH may leave the VMs but never reaches them from outside
+drop dir=in proto=tcp dport=22
 """
 
 
@@ -328,6 +405,23 @@ def vmk_demo(kernel: Kernel, demo: Any) -> None:
     demo.record("flows approved", state(kernel).prefilter.flow_count)
     demo.record("data packets bypassing inspection", second["bypass"])
     demo.record("delivered to pf-server", len(state(kernel).inbox.get(server.id, [])))
+
+    demo.step("inbound: frames from the uplink to pf-server's NIC 0 take service path 9")
+    set_service_path(kernel, server, 0, "in", spi=9, si=255)
+    outside = "198.51.100.7"
+    inbound = kernel.deliver_frames(
+        server,
+        [
+            build_frame(outside, "10.0.0.20", dport=22, flags=0x02),
+            build_frame(outside, "10.0.0.20", dport=80, flags=0x02),
+            build_frame(outside, "10.0.0.20", proto=17, sport=5353, dport=53),
+        ],
+    )[0]
+    demo.step(
+        f"inbound batch: {inbound['drop']} dropped by the inbound-only SSH rule, "
+        f"{inbound['redirect']} inspected, {inbound['bypass']} bypassed, {inbound['delivered']} delivered"
+    )
+    demo.record("inbound frames dropped by dir=in rules", inbound["drop"])
 
 
 # ---------------------------------------------------------------------------

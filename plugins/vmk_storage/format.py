@@ -39,6 +39,8 @@ from dataclasses import dataclass
 
 import crc32c as _crc32c
 
+from vmkernel import implementation
+
 BLOCK = 4096
 SB_SLOT = 4096
 LOG_START = 2 * SB_SLOT
@@ -250,9 +252,17 @@ def header_crc_ok(
     return bool(crc(covered, crc(raw_header[: REC_HEADER - 4])) == stored)
 
 
-def crc_table(data: bytes | bytearray | memoryview, count: int) -> bytes:
-    mv = memoryview(data)
-    return struct.pack(f"<{count}I", *(crc(mv[i * BLOCK : (i + 1) * BLOCK]) for i in range(count)))
+def crc_table(data: bytes | bytearray | memoryview) -> bytes:
+    """The per-block crc32c table of whole blocks (one call into the selected implementation)."""
+    return bytes(implementation().crc32c_blocks(data, BLOCK))
+
+
+def first_bad_block(
+    data: bytes | bytearray | memoryview, table: bytes | bytearray | memoryview
+) -> int | None:
+    """Index of the first block of ``data`` that disagrees with ``table``, or ``None``."""
+    found = implementation().crc32c_first_mismatch(data, table, BLOCK)
+    return None if found is None else int(found)
 
 
 def unpack_crc_table(raw: bytes | bytearray | memoryview, count: int) -> tuple[int, ...]:

@@ -19,27 +19,34 @@ Settings (``Kernel(config={"storage": {...}})``): ``backend`` (``local`` or
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import click
+import orjson
 
+from vmk_storage import images
 from vmk_storage.nbd import NbdBackend
 from vmk_storage.store import UnitStore, canonical_vm_id
 from vmk_storage.unit import StorageUnit
 from vmkernel import VM, Invariant, Kernel, ReportSection, StashKey, hookimpl
-from vmkernel.errors import FeatureUnavailable, InvalidArgument, UnknownResource, VmkError
+from vmkernel.errors import CorruptUnit, FeatureUnavailable, InvalidArgument, UnknownResource, VmkError
 
 ON_DESTROY = ("retain", "delete")
 MEMORY_CHUNK = 4 << 20
+SAVED_SNAPSHOT = "vm.saved"  # the unit's state as the last save_vm left it
+MANIFEST = "vm.manifest"  # BLAKE3 of every volume and object at that save
 
 
 @dataclass
 class StorageState:
     store: UnitStore
     pending_memory: set[str] = field(default_factory=set)
+    # VM id -> snapshot holding the state a restore reverted away from (undone on rollback)
+    reverted: dict[str, str] = field(default_factory=dict)
 
 
 KEY: StashKey[StorageState] = StashKey("storage")
@@ -142,16 +149,58 @@ def _guest_memory(kernel: Kernel, vm: VM) -> Any:
         return None
 
 
-@hookimpl
+def _content(unit: StorageUnit, snapshot: str | None = None) -> dict[str, str]:
+    ids = unit.content_ids(snapshot=snapshot)
+    ids.pop(f"object:{MANIFEST}", None)
+    return ids
+
+
+@hookimpl(trylast=True)  # after every other plugin has put its part of the state into the unit
 def vmk_vm_save(kernel: Kernel, vm: VM, unit: StorageUnit) -> None:
     memory = _guest_memory(kernel, vm)
-    if memory is None:
-        return  # no processor plugin: the config and the disks are the state
-    size = vm.memory_mib << 20
-    for gpa in range(0, size, MEMORY_CHUNK):
-        unit.write("memory", gpa, bytes(memory.read(gpa, min(MEMORY_CHUNK, size - gpa))))
-    unit.put_object("memory.json", f'{{"bytes": {size}}}'.encode())
-    kernel.emit("storage.memory_saved", f"vm:{vm.id}", bytes=size)
+    if memory is not None:  # without a processor plugin the config and the disks are the state
+        size = vm.memory_mib << 20
+        for gpa in range(0, size, MEMORY_CHUNK):
+            unit.write("memory", gpa, bytes(memory.read(gpa, min(MEMORY_CHUNK, size - gpa))))
+        unit.put_object("memory.json", f'{{"bytes": {size}}}'.encode())
+        kernel.emit("storage.memory_saved", f"vm:{vm.id}", bytes=size)
+    content = _content(unit)
+    unit.put_object(MANIFEST, orjson.dumps({"vm": vm.id, "content": content}, option=orjson.OPT_SORT_KEYS))
+    if SAVED_SNAPSHOT in unit.snapshots():
+        unit.delete_snapshot(SAVED_SNAPSHOT)
+    unit.snapshot(SAVED_SNAPSHOT)
+    kernel.emit("storage.saved", f"vm:{vm.id}", content=content)
+
+
+def _verify_saved(kernel: Kernel, vm: VM, unit: StorageUnit) -> None:
+    """Check the saved state against its manifest; return the unit to it if it changed since."""
+    state(kernel).reverted.pop(vm.id, None)
+    if SAVED_SNAPSHOT not in unit.snapshots():
+        return  # saved before manifests existed, or never saved: nothing to hold it to
+    manifest = orjson.loads(bytes(unit.get_object(MANIFEST, snapshot=SAVED_SNAPSHOT)))
+    found = _content(unit, SAVED_SNAPSHOT)
+    if found != manifest.get("content"):
+        differ = sorted(
+            k for k in set(found) | set(manifest["content"]) if found.get(k) != manifest["content"].get(k)
+        )
+        raise CorruptUnit(
+            unit.vm_id,
+            None,
+            f"the saved state no longer matches its manifest ({', '.join(differ)})",
+            {k: found.get(k) for k in differ},
+            "the BLAKE3 content ids recorded by save_vm",
+        )
+    changed = unit.changed_since(SAVED_SNAPSHOT)
+    changed = [c for c in changed if c != f"object:{MANIFEST}"]
+    if not changed:
+        return
+    # Written after the save: keep that state under a new snapshot, then go back to the save.
+    taken = set(unit.snapshots())
+    keep = next(f"vm.unsaved-{n}" for n in range(1, len(taken) + 2) if f"vm.unsaved-{n}" not in taken)
+    unit.snapshot(keep)
+    unit.revert(SAVED_SNAPSHOT)
+    state(kernel).reverted[vm.id] = keep
+    kernel.emit("storage.reverted_to_save", f"vm:{vm.id}", changed=changed, kept_as=keep)
 
 
 def _restore_memory(kernel: Kernel, vm: VM, unit: StorageUnit) -> bool:
@@ -165,8 +214,9 @@ def _restore_memory(kernel: Kernel, vm: VM, unit: StorageUnit) -> bool:
     return True
 
 
-@hookimpl
+@hookimpl(tryfirst=True)  # the unit is back at the saved state before any plugin reads it
 def vmk_vm_restore(kernel: Kernel, vm: VM, unit: StorageUnit) -> None:
+    _verify_saved(kernel, vm, unit)
     if "memory" not in unit.volumes():
         return
     if not _restore_memory(kernel, vm, unit):
@@ -184,7 +234,14 @@ def vmk_vm_launch(kernel: Kernel, vm: VM) -> None:
 def vmk_rollback(kernel: Kernel, operation: str, subject: str, error: BaseException) -> None:
     found = kernel.stash.get(KEY, None)
     if found is not None and operation == "vm.restore":
-        found.pending_memory.discard(subject.removeprefix("vm:"))
+        vm_id = subject.removeprefix("vm:")
+        found.pending_memory.discard(vm_id)
+        keep = found.reverted.pop(vm_id, None)
+        if keep is not None and found.store.exists(vm_id):
+            unit = found.store.get(vm_id)
+            unit.revert(keep)  # the failed restore leaves the unit as it found it
+            unit.delete_snapshot(keep)
+            unit.flush()
 
 
 # ------------------------------------------------------- invariants and report
@@ -254,10 +311,21 @@ def vmk_demo(kernel: Kernel, demo: Any) -> None:
     clone = unit.clone(twin.id, snapshot="before-upgrade")
     same = clone.read("disk0", 0, len(data)) == data
     demo.step(f"cloned the snapshot into {twin.name}'s unit (restamped, identical: {same})")
+    ids_match = clone.content_id("disk0") == unit.content_id("disk0", snapshot="before-upgrade")
+    demo.step(f"BLAKE3 content id of the clone's disk0 equals the snapshot's: {ids_match}")
+    qcow2 = "skipped (qemu-img not installed)"
+    if images.qemu_img_path() is not None:
+        with tempfile.TemporaryDirectory(prefix="vmk-demo-") as tmp:
+            path = Path(tmp) / "disk0.qcow2"
+            exported = unit.export_volume("disk0", path, format="qcow2")
+            imported = unit.import_volume("disk1", path)
+        qcow2 = "identical" if exported == imported == unit.content_id("disk0") else "DIFFERENT"
+    demo.step(f"exported disk0 as qcow2 (qemu-img) and imported it back as disk1: {qcow2}")
     problems = sum(len(p) for p in store_of(kernel).check().values())
     demo.step(f"scanned every unit: {problems} problems")
     demo.record("units", len(kernel.storage_units()))
-    demo.record("clone_identical", same)
+    demo.record("clone_identical", same and ids_match)
+    demo.record("qcow2_round_trip", qcow2)
     demo.record("check_problems", problems)
 
 
@@ -327,3 +395,77 @@ def vmk_cli_commands(group: click.Group) -> None:
                 click.echo(f"  {p.kind} at offset {p.offset}: {p.message}")
         click.echo(f"{len(report)} units checked, {bad} with problems")
         ctx.exit(1 if bad else 0)
+
+    @storage.command("id")
+    @click.argument("vm_id")
+    @click.option("--snapshot", default=None, help="A snapshot of the unit instead of its current state.")
+    @data_dir_option
+    @click.pass_context
+    def content_id(ctx: click.Context, vm_id: str, snapshot: str | None, data_dir: str | None) -> None:
+        """Print the BLAKE3 content id of every volume and object of a unit (b3sum of raw exports)."""
+        store = _cli_store(ctx, data_dir)
+        try:
+            for name, digest in store.get(canonical_vm_id(vm_id)).content_ids(snapshot=snapshot).items():
+                click.echo(f"{digest}  {name}")
+        except VmkError as exc:
+            raise click.ClickException(str(exc)) from None
+        finally:
+            store.close()
+
+    @storage.command("export")
+    @click.argument("vm_id")
+    @click.argument("volume")
+    @click.argument("path", type=click.Path(dir_okay=False))
+    @click.option("--format", "image_format", type=click.Choice(["raw", "qcow2"]), default="raw")
+    @click.option("--snapshot", default=None, help="Export the volume as this snapshot holds it.")
+    @click.option("--overwrite", is_flag=True, help="Replace PATH if it exists.")
+    @data_dir_option
+    @click.pass_context
+    def export(
+        ctx: click.Context,
+        vm_id: str,
+        volume: str,
+        path: str,
+        image_format: str,
+        snapshot: str | None,
+        overwrite: bool,
+        data_dir: str | None,
+    ) -> None:
+        """Write a volume to a raw (sparse) or qcow2 image file; prints its content id."""
+        store = _cli_store(ctx, data_dir)
+        try:
+            unit = store.get(canonical_vm_id(vm_id))
+            digest = unit.export_volume(
+                volume, path, format=image_format, snapshot=snapshot, overwrite=overwrite
+            )
+            click.echo(f"{digest}  {path}")
+        except VmkError as exc:
+            raise click.ClickException(str(exc)) from None
+        finally:
+            store.close()
+
+    @storage.command("import")
+    @click.argument("vm_id")
+    @click.argument("volume")
+    @click.argument("path", type=click.Path(dir_okay=False))
+    @click.option(
+        "--format",
+        "image_format",
+        type=click.Choice(["raw", "qcow2"]),
+        default=None,
+        help="qcow2 is recognised by its magic; a raw image must be named raw.",
+    )
+    @data_dir_option
+    @click.pass_context
+    def import_(
+        ctx: click.Context, vm_id: str, volume: str, path: str, image_format: str | None, data_dir: str | None
+    ) -> None:
+        """Replace a volume of a unit with a checked copy of a qcow2 or raw image; prints its content id."""
+        store = _cli_store(ctx, data_dir)
+        try:
+            digest = store.get(canonical_vm_id(vm_id)).import_volume(volume, path, format=image_format)
+            click.echo(f"{digest}  {volume}")
+        except VmkError as exc:
+            raise click.ClickException(str(exc)) from None
+        finally:
+            store.close()

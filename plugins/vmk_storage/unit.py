@@ -29,16 +29,18 @@ import os
 import re
 import struct
 import threading
-from collections import OrderedDict
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import blake3
 import orjson
 
 from vmk_storage import format as fmt
 from vmk_storage.device import Buffer, Device, fsync_dir
+from vmk_storage.extents import Extent, ExtentMap, changed_runs, gone_runs
 from vmkernel.errors import (
     BadMagic,
     CommingleRefused,
@@ -65,9 +67,8 @@ _VOLUME_RE = re.compile(r"^(config|swap|memory|disk[0-9]{1,3})$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SCAN_WINDOW = 8 << 20
 _ACK_LEDGER = 256
+_CHUNK_BLOCKS = 1024  # 4 MiB per read when streaming a whole volume
 _NOSPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-
-Entry = tuple[int, int, int]  # image position of the block data, crc32c, sequence
 
 
 def volume_role(name: str) -> str:
@@ -96,11 +97,11 @@ class OwnedBytes(bytes):
 class State:
     """What a snapshot freezes: the block maps and the named objects."""
 
-    blocks: dict[int, dict[int, Entry]] = field(default_factory=dict)
+    blocks: dict[int, ExtentMap] = field(default_factory=dict)  # volume id -> its block index
     objects: dict[str, bytes] = field(default_factory=dict)
 
     def copy(self) -> State:
-        return State({v: dict(m) for v, m in self.blocks.items()}, dict(self.objects))
+        return State({v: m.copy() for v, m in self.blocks.items()}, dict(self.objects))
 
 
 @dataclass(frozen=True)
@@ -174,8 +175,11 @@ class StorageUnit:
         self._end = fmt.LOG_START
         self._seq = 0
         self._pending = False
-        self._pending_blocks: set[tuple[int, int]] = set()
-        self._acked: OrderedDict[tuple[int, int], int] = OrderedDict()
+        # Extents written since the last flush, then the newest acknowledged ones (bounded by
+        # _ACK_LEDGER blocks): what the acknowledged-readable invariant re-reads.
+        self._pending_extents: list[tuple[int, Extent]] = []
+        self._acked: deque[tuple[int, Extent]] = deque()
+        self._acked_blocks = 0
         self._new_epoch_needed = False
         self.torn_tail: tuple[int, str] | None = None
         self._stamps_verified = fmt.LOG_START
@@ -450,11 +454,15 @@ class StorageUnit:
                     break
                 table = fmt.unpack_crc_table(covered, h.count)
                 if not before_cp or verify_all:
-                    bad = [
-                        i
-                        for i in range(h.count)
-                        if fmt.crc(data[i * fmt.BLOCK : (i + 1) * fmt.BLOCK]) != table[i]
-                    ]
+                    bad = []
+                    first = fmt.first_bad_block(data, covered)
+                    if first is not None:
+                        # Rare: name every bad block of the record, not only the first.
+                        bad = [
+                            i
+                            for i in range(first, h.count)
+                            if fmt.crc(data[i * fmt.BLOCK : (i + 1) * fmt.BLOCK]) != table[i]
+                        ]
                     if bad and not before_cp:
                         reason = "block data checksum mismatch (torn write)"
                         break
@@ -524,15 +532,11 @@ class StorageUnit:
                 raise corrupt(
                     "block index out of range", h.offset + h.count, f"at most {fmt.MAX_VOLUME_BLOCKS}"
                 )
-            blocks = self._cur.blocks.setdefault(h.volume, {})
+            emap = self._cur.blocks.setdefault(h.volume, ExtentMap())
             if h.rtype == fmt.T_TRIM:
-                for b in range(h.offset, h.offset + h.count):
-                    blocks.pop(b, None)
-                return
-            table = fmt.unpack_crc_table(covered, h.count)
-            base = pos + fmt.REC_HEADER + 4 * h.count
-            for i in range(h.count):
-                blocks[h.offset + i] = (base + i * fmt.BLOCK, table[i], h.seq)
+                emap.trim(h.offset, h.count)
+            else:
+                emap.put(Extent(h.offset, h.count, pos + fmt.REC_HEADER + 4 * h.count, bytes(covered), h.seq))
             return
         payload = bytes(covered)
         if h.rtype == fmt.T_VOLUME:
@@ -738,30 +742,29 @@ class StorageUnit:
             buf = bytearray(self._read_blocks(self._cur, volume, b0, b1))
             buf[offset - b0 * fmt.BLOCK : end - b0 * fmt.BLOCK] = view
             view = memoryview(buf)
-        packed: list[tuple[int, int, tuple[int, ...]]] = []
+        packed: list[tuple[int, int, bytes]] = []
         for start in range(b0, b1, fmt.MAX_EXTENT_BLOCKS):
             count = min(fmt.MAX_EXTENT_BLOCKS, b1 - start)
             chunk = view[(start - b0) * fmt.BLOCK : (start - b0 + count) * fmt.BLOCK]
-            table = fmt.crc_table(chunk, count)
+            table = fmt.crc_table(chunk)
             seq = self._next_seq()
             head = fmt.pack_header(
                 fmt.T_BLOCKS, self._sb.epoch, count, seq, self._owner, vol, start, 0, table
             )
             records.append((head + table, [chunk]))
-            packed.append((start, seq, struct.unpack(f"<{count}I", table)))
+            packed.append((start, seq, table))
         pos = self._append(records, offset)
         if declare is not None:
             self._volumes[volume] = vol
             self._volume_names[vol] = volume
             pos += fmt.REC_HEADER + len(declare)
-        blocks = self._cur.blocks.setdefault(vol, {})
-        for start, seq, crcs in packed:
-            count = len(crcs)
-            base = pos + fmt.REC_HEADER + 4 * count
-            for i in range(count):
-                blocks[start + i] = (base + i * fmt.BLOCK, crcs[i], seq)
-                self._pending_blocks.add((vol, start + i))
-            pos = base + count * fmt.BLOCK
+        emap = self._cur.blocks.setdefault(vol, ExtentMap())
+        for start, seq, table in packed:
+            count = len(table) // 4
+            ext = Extent(start, count, pos + fmt.REC_HEADER + 4 * count, table, seq)
+            emap.put(ext)
+            self._pending_extents.append((vol, ext))
+            pos = ext.pos + count * fmt.BLOCK
 
     def read(self, volume: str, offset: int, length: int, *, snapshot: str | None = None) -> OwnedBytes:
         """Read ``length`` bytes at ``offset`` of ``volume`` (zeros where never written)."""
@@ -783,51 +786,38 @@ class StorageUnit:
     def _read_blocks(self, state: State, volume: str, b0: int, b1: int) -> bytearray:
         out = bytearray((b1 - b0) * fmt.BLOCK)
         vol = self._volumes.get(volume)
-        blocks = state.blocks.get(vol, {}) if vol is not None else {}
-        if not blocks:
+        emap = state.blocks.get(vol) if vol is not None else None
+        if not emap:
             return out
         dev = self._dev
         assert dev is not None
         view = memoryview(out)
-        b = b0
-        while b < b1:
-            entry = blocks.get(b)
-            if entry is None:
-                b += 1
-                continue
-            run_start, pos0 = b, entry[0]
-            b += 1
-            while b < b1:
-                nxt = blocks.get(b)
-                if nxt is None or nxt[0] != pos0 + (b - run_start) * fmt.BLOCK:
-                    break
-                b += 1
-            dst = view[(run_start - b0) * fmt.BLOCK : (b - b0) * fmt.BLOCK]
+        for ext in emap.lookup(b0, b1):
+            dst = view[(ext.start - b0) * fmt.BLOCK : (ext.end - b0) * fmt.BLOCK]
             try:
-                got = dev.preadinto(dst, pos0)
+                got = dev.preadinto(dst, ext.pos)
             except OSError as exc:
                 raise self._err(
-                    StorageError, pos0, "device read failed", str(exc), "a working device"
+                    StorageError, ext.pos, "device read failed", str(exc), "a working device"
                 ) from exc
             if got < len(dst):
                 raise self._err(
                     TruncatedUnit,
-                    pos0 + got,
-                    f"image ends inside block {run_start} of {volume}",
+                    ext.pos + got,
+                    f"image ends inside block {ext.start + got // fmt.BLOCK} of {volume}",
                     got,
                     f"{len(dst)} bytes",
                 )
-            for i in range(b - run_start):
-                stored = blocks[run_start + i][1]
+            i = fmt.first_bad_block(dst, ext.crcs)
+            if i is not None:
                 actual = fmt.crc(dst[i * fmt.BLOCK : (i + 1) * fmt.BLOCK])
-                if actual != stored:
-                    raise self._err(
-                        CorruptUnit,
-                        pos0 + i * fmt.BLOCK,
-                        f"block {run_start + i} of {volume} fails its checksum",
-                        f"crc32c {actual:#010x}",
-                        f"crc32c {stored:#010x}",
-                    )
+                raise self._err(
+                    CorruptUnit,
+                    ext.pos + i * fmt.BLOCK,
+                    f"block {ext.start + i} of {volume} fails its checksum",
+                    f"crc32c {actual:#010x}",
+                    f"crc32c {ext.crc_at(ext.start + i):#010x}",
+                )
         return out
 
     def flush(self) -> None:
@@ -847,15 +837,12 @@ class StorageUnit:
                 self._sb.durable_pos, self._sb.durable_seq = self._sb.checkpoint_pos, self._sb.checkpoint_seq
                 self._put_superblock()
             self._pending = False
-            for key in self._pending_blocks:
-                vol, b = key
-                entry = self._cur.blocks.get(vol, {}).get(b)
-                if entry is not None:
-                    self._acked[key] = entry[1]
-                    self._acked.move_to_end(key)
-            self._pending_blocks.clear()
-            while len(self._acked) > _ACK_LEDGER:
-                self._acked.popitem(last=False)
+            for item in self._pending_extents:
+                self._acked.append(item)
+                self._acked_blocks += item[1].count
+            self._pending_extents.clear()
+            while self._acked_blocks > _ACK_LEDGER and len(self._acked) > 1:
+                self._acked_blocks -= self._acked.popleft()[1].count
 
     # -------------------------------------------------------- named objects
     def put_object(self, name: str, data: Buffer, *, vm_id: str | None = None) -> None:
@@ -965,7 +952,8 @@ class StorageUnit:
             self._state(name)
             self._commit_meta(fmt.T_REVERT, name.encode())
             self._acked.clear()
-            self._pending_blocks.clear()
+            self._acked_blocks = 0
+            self._pending_extents.clear()
 
     def clone(self, new_vm_id: str, *, snapshot: str | None = None) -> StorageUnit:
         """Copy this unit (or one snapshot) into a new unit owned by ``new_vm_id``.
@@ -979,9 +967,9 @@ class StorageUnit:
             names = dict(self._volume_names)
         target = self.store.create(new_vm_id)
         try:
-            for vol, blocks in sorted(state.blocks.items()):
+            for vol, emap in sorted(state.blocks.items()):
                 volume = names[vol]
-                for start, count in _runs(sorted(blocks)):
+                for start, count in _runs(emap):
                     with self._lock:
                         data = self._read_blocks(state, volume, start, start + count)
                     target.write(volume, start * fmt.BLOCK, data)
@@ -1033,15 +1021,22 @@ class StorageUnit:
         return [*self._snapshots.values(), self._cur]
 
     def _compacted_size(self) -> int:
-        positions: set[int] = set()
+        spans: list[tuple[int, int]] = []
         meta = 0
         for state in self._live_states():
-            for blocks in state.blocks.values():
-                positions.update(e[0] for e in blocks.values())
+            for emap in state.blocks.values():
+                spans.extend((e.pos, e.pos + e.count * fmt.BLOCK) for e in emap)
             meta += sum(fmt.REC_HEADER + len(k) + len(v) + 2 for k, v in state.objects.items())
         meta += len(self._snapshots) * (fmt.REC_HEADER + 128) + len(self._volumes) * (fmt.REC_HEADER + 8)
-        # Unique blocks, a crc each, a header per extent (bounded by one per block).
-        return fmt.LOG_START + meta + len(positions) * (fmt.BLOCK + 4 + fmt.REC_HEADER)
+        # Unique stored blocks (snapshots share them), a crc each, a header per extent.
+        unique = 0
+        reach = 0
+        for lo, hi in sorted(spans):
+            lo = max(lo, reach)
+            if hi > lo:
+                unique += hi - lo
+                reach = hi
+        return fmt.LOG_START + meta + (unique // fmt.BLOCK) * (fmt.BLOCK + 4) + len(spans) * fmt.REC_HEADER
 
     def compact(self) -> None:
         """Rewrite the image with only live data (current state and snapshots); crash safe.
@@ -1083,15 +1078,13 @@ class StorageUnit:
         order: list[tuple[str | None, State]] = [*self._snapshots.items(), (None, self._cur)]
         for name, state in order:
             for vol in sorted(set(prev.blocks) | set(state.blocks)):
-                old = prev.blocks.get(vol, {})
-                new = state.blocks.get(vol, {})
-                gone = sorted(b for b in old if b not in new)
-                for start, count in _runs(gone):
+                old = prev.blocks.get(vol, ExtentMap())
+                new = state.blocks.get(vol, ExtentMap())
+                for start, count in gone_runs(old, new):
                     writer._commit_trim(vol, start, count)
-                changed = sorted(b for b, e in new.items() if old.get(b) != e)
-                for start, count in _runs(changed):
-                    data = self._read_blocks(state, self._volume_names[vol], start, start + count)
-                    writer._write_locked(self._volume_names[vol], start * fmt.BLOCK, memoryview(data))
+                for ext in changed_runs(old, new):
+                    data = self._read_blocks(state, self._volume_names[vol], ext.start, ext.end)
+                    writer._write_locked(self._volume_names[vol], ext.start * fmt.BLOCK, memoryview(data))
             for obj in sorted(set(prev.objects) - set(state.objects)):
                 writer._commit_meta(fmt.T_OBJECT_DEL, obj.encode())
             for obj, value in sorted(state.objects.items()):
@@ -1141,6 +1134,142 @@ class StorageUnit:
     def deleted(self) -> bool:
         return self._deleted
 
+    # ------------------------------------------------ discard, content identity
+    def discard(self, volume: str, offset: int, length: int) -> None:
+        """Make a byte range unwritten again (reads return zeros); durable at the next flush.
+
+        Whole blocks in the range are dropped from the index with a trim
+        record; partial blocks at its edges are written with zeros.
+        """
+        with self._lock:
+            self._check_volume(volume)
+            if isinstance(length, bool) or not isinstance(length, int) or length < 0:
+                raise InvalidArgument("length", length, "a byte count >= 0")
+            self._check_range(offset, length)
+            vol = self._volumes.get(volume)
+            if not length or vol is None:
+                return
+            end = offset + length
+            first = -(-offset // fmt.BLOCK)
+            last = end // fmt.BLOCK
+            if first >= last:  # inside one block
+                self.write(volume, offset, bytes(length))
+                return
+            if offset < first * fmt.BLOCK:
+                self.write(volume, offset, bytes(first * fmt.BLOCK - offset))
+            if end > last * fmt.BLOCK:
+                self.write(volume, last * fmt.BLOCK, bytes(end - last * fmt.BLOCK))
+            emap = self._cur.blocks.get(vol)
+            written = emap.lookup(first, last) if emap else []
+            for ext in written:
+                for start, count in _split(ext.start, ext.end):
+                    self._commit_trim(vol, start, count)
+
+            # Discarded blocks read as zeros from now on: the invariant ledgers forget them.
+            def outside(item: tuple[int, Extent]) -> bool:
+                v, e = item
+                return v != vol or e.end <= first or e.start >= last
+
+            self._pending_extents = [item for item in self._pending_extents if outside(item)]
+            self._acked = deque(item for item in self._acked if outside(item))
+            self._acked_blocks = sum(e.count for _, e in self._acked)
+
+    def iter_volume(
+        self, volume: str, *, snapshot: str | None = None, chunk: int = _CHUNK_BLOCKS
+    ) -> Iterator[tuple[int, OwnedBytes, bool]]:
+        """The volume's logical bytes in order: ``(offset, data, written)`` per chunk of blocks.
+
+        ``written`` is False for a chunk with no written block (its data is
+        zeros), so exporters can leave holes.  Every written block is
+        verified against its crc32c as it is read.
+        """
+        with self._lock:
+            self._check_volume(volume)
+            self._ensure()
+            state = self._state(snapshot)
+            vol = self._volumes.get(volume)
+            emap = (state.blocks.get(vol) if vol is not None else None) or ExtentMap()
+            end = emap.end_block
+        for b in range(0, end, chunk):
+            hi = min(b + chunk, end)
+            with self._lock:
+                self._ensure()
+                written = bool(emap.lookup(b, hi))
+                data = self._read_blocks(state, volume, b, hi) if written else bytearray((hi - b) * fmt.BLOCK)
+            yield b * fmt.BLOCK, OwnedBytes(data, self.vm_id), written
+
+    def changed_since(self, snapshot: str) -> list[str]:
+        """Volumes and ``object:<name>`` entries whose current state differs from ``snapshot``.
+
+        Decided from the index (which stored data each block points at), so
+        nothing is read: a block written again with the same bytes counts as changed.
+        """
+        with self._lock:
+            self._ensure()
+            old = self._state(snapshot)
+            cur = self._cur
+            out: list[str] = []
+            for name, vol in sorted(self._volumes.items()):
+                before = old.blocks.get(vol) or ExtentMap()
+                now = cur.blocks.get(vol) or ExtentMap()
+                if next(changed_runs(before, now), None) or next(gone_runs(before, now), None):
+                    out.append(name)
+            for obj in sorted(set(old.objects) | set(cur.objects)):
+                if old.objects.get(obj) != cur.objects.get(obj):
+                    out.append(f"object:{obj}")
+            return out
+
+    def content_id(self, volume: str, *, snapshot: str | None = None) -> str:
+        """BLAKE3 (hex) of the volume's logical bytes: equal to ``b3sum`` of its raw export.
+
+        The logical size runs to the last written block; unwritten blocks
+        before it count as zeros.  Two volumes (in any units, or a volume and
+        a snapshot of it) hold the same data exactly when their ids are equal.
+        """
+        hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+        for _, data, _ in self.iter_volume(volume, snapshot=snapshot):
+            hasher.update(data)
+        return str(hasher.hexdigest())
+
+    def content_ids(self, *, snapshot: str | None = None) -> dict[str, str]:
+        """Volume name and ``object:<name>`` -> BLAKE3 hex of every written volume and named object."""
+        with self._lock:
+            self._ensure()
+            state = self._state(snapshot)
+            # A volume with nothing written in this state has no content (an empty volume is no volume).
+            names = sorted(name for name, vol in self._volumes.items() if state.blocks.get(vol))
+            objects = dict(state.objects)
+        out = {name: self.content_id(name, snapshot=snapshot) for name in names}
+        for name, value in sorted(objects.items()):
+            out[f"object:{name}"] = str(blake3.blake3(value).hexdigest())
+        return out
+
+    def export_volume(
+        self,
+        volume: str,
+        path: str | os.PathLike[str],
+        *,
+        format: str = "raw",
+        snapshot: str | None = None,
+        overwrite: bool = False,
+    ) -> str:
+        """Write the volume to a raw or qcow2 image file; returns its content id (BLAKE3 hex)."""
+        from vmk_storage import images
+
+        return images.export_volume(
+            self, volume, Path(path), image_format=format, snapshot=snapshot, overwrite=overwrite
+        )
+
+    def import_volume(self, volume: str, path: str | os.PathLike[str], *, format: str | None = None) -> str:
+        """Make the volume a copy of a qcow2 (or, with ``format="raw"``, raw) image; returns its content id.
+
+        The import is flushed (acknowledged) before this returns; see
+        :func:`vmk_storage.images.import_volume` for the checks made on the file.
+        """
+        from vmk_storage import images
+
+        return images.import_volume(self, volume, Path(path), image_format=format)
+
     # ------------------------------------------------------- introspection
     def volumes(self) -> dict[str, dict[str, Any]]:
         """Volume name -> role, logical size (bytes up to the last written block) and block count."""
@@ -1148,9 +1277,12 @@ class StorageUnit:
             self._ensure()
             out: dict[str, dict[str, Any]] = {}
             for name, vol in sorted(self._volumes.items()):
-                blocks = self._cur.blocks.get(vol, {})
-                size = (max(blocks) + 1) * fmt.BLOCK if blocks else 0
-                out[name] = {"role": volume_role(name), "size": size, "blocks": len(blocks)}
+                emap = self._cur.blocks.get(vol, ExtentMap())
+                out[name] = {
+                    "role": volume_role(name),
+                    "size": emap.end_block * fmt.BLOCK,
+                    "blocks": emap.block_count,
+                }
             return out
 
     def info(self) -> dict[str, Any]:
@@ -1252,28 +1384,40 @@ class StorageUnit:
         with self._lock:
             if self._dev is None:
                 return None
-            for (vol, b), want in list(self._acked.items()):
-                if (vol, b) in self._pending_blocks:
-                    continue
+            # Newest first: a block written again later is judged by its latest acknowledged write;
+            # blocks written again since the last flush are not acknowledged yet.
+            seen = {(vol, b) for vol, e in self._pending_extents for b in range(e.start, e.end)}
+            for vol, ext in reversed(self._acked):
                 name = self._volume_names[vol]
-                try:
-                    data = self._read_blocks(self._cur, name, b, b + 1)
-                except StorageError as exc:
-                    return f"unit {self.vm_id}: acknowledged block {b} of {name} unreadable: {exc}"
-                if fmt.crc(data) != want:
-                    return f"unit {self.vm_id}: acknowledged block {b} of {name} reads back different data"
+                for b in range(ext.start, ext.end):
+                    want = ext.crc_at(b)
+                    if (vol, b) in seen:
+                        continue
+                    seen.add((vol, b))
+                    try:
+                        data = self._read_blocks(self._cur, name, b, b + 1)
+                    except StorageError as exc:
+                        return f"unit {self.vm_id}: acknowledged block {b} of {name} unreadable: {exc}"
+                    if fmt.crc(data) != want:
+                        return (
+                            f"unit {self.vm_id}: acknowledged block {b} of {name} reads back different data"
+                        )
             return None
 
 
-def _runs(sorted_blocks: list[int]) -> Iterator[tuple[int, int]]:
-    """Contiguous runs (start, count) of sorted block numbers, at most one extent long."""
-    i = 0
-    while i < len(sorted_blocks):
-        start = sorted_blocks[i]
-        j = i + 1
-        while (
-            j < len(sorted_blocks) and sorted_blocks[j] == start + (j - i) and j - i < fmt.MAX_EXTENT_BLOCKS
-        ):
-            j += 1
-        yield start, j - i
-        i = j
+def _runs(emap: ExtentMap) -> Iterator[tuple[int, int]]:
+    """Runs ``(start, count)`` of consecutive written blocks, each at most one record long."""
+    start = end = -1
+    for ext in emap:
+        if ext.start != end:
+            if end > start:
+                yield from _split(start, end)
+            start = ext.start
+        end = ext.end
+    if end > start:
+        yield from _split(start, end)
+
+
+def _split(start: int, end: int) -> Iterator[tuple[int, int]]:
+    for lo in range(start, end, fmt.MAX_EXTENT_BLOCKS):
+        yield lo, min(fmt.MAX_EXTENT_BLOCKS, end - lo)

@@ -177,6 +177,8 @@ def test_report_and_demo(kernel: Kernel) -> None:
     prefilter_plugin.vmk_demo(kernel, demo)
     assert demo.records["data packets bypassing inspection"] == 8
     assert demo.records["delivered to pf-server"] > 0
+    assert demo.records["inbound frames dropped by dir=in rules"] == 1
+    assert any(step.startswith("inbound batch: 1 dropped") for step in demo.steps)
     section = prefilter_plugin.vmk_report(kernel)
     assert section.title == "prefilter" and any("revision 1" in line for line in section.lines)
 

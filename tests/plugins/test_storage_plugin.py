@@ -16,7 +16,7 @@ from vmk_storage import format as fmt
 from vmk_storage.unit import IMAGE
 
 from vmkernel import Kernel, hookimpl
-from vmkernel.errors import CommingleRefused, HookFailed, InvalidArgument, UnknownResource
+from vmkernel.errors import CommingleRefused, CorruptUnit, HookFailed, InvalidArgument, UnknownResource
 
 
 class FakeMemory:
@@ -166,7 +166,7 @@ def test_invariants_catch_a_lost_acknowledged_write(tmp_path):
         unit.write("disk0", 0, b"a" * 4096)
         unit.flush()
         k.check_invariants()
-        block = unit._cur.blocks[0][0][0]
+        block = unit._cur.blocks[0].at(0).pos
         with open(unit.image_path, "r+b") as f:  # the disk loses the block under the kernel
             f.seek(block)
             f.write(b"b")
@@ -194,7 +194,13 @@ def test_report_and_demo(tmp_path):
     with kernel(tmp_path) as k:
         demo = DemoContext(io.StringIO(), plugin="storage")
         storage_plugin.vmk_demo(k, demo)
-        assert demo.records["storage"] == {"units": 2, "clone_identical": True, "check_problems": 0}
+        qcow2 = "identical" if __import__("shutil").which("qemu-img") else "skipped (qemu-img not installed)"
+        assert demo.records["storage"] == {
+            "units": 2,
+            "clone_identical": True,
+            "qcow2_round_trip": qcow2,
+            "check_problems": 0,
+        }
         section = storage_plugin.vmk_report(k)
         assert section.title == "Storage units" and section.lines[0].startswith("2 units")
 
@@ -227,3 +233,103 @@ def test_cli_ls_and_check(tmp_path):
     assert res.exit_code == 1 and "1 with problems" in res.output and vm.id in res.output
     assert image.read_bytes() == damaged != before  # check changed nothing
     assert (tmp_path / "data" / "storage" / vm.id / IMAGE).exists()
+
+
+def test_save_records_content_ids_and_restore_returns_to_the_save(tmp_path):
+    with kernel(tmp_path) as k:
+        vm = k.create_vm("saved")
+        unit = k.storage_unit(vm)
+        unit.write("disk0", 0, b"at save time")
+        k.save_vm(vm)
+        manifest = __import__("orjson").loads(bytes(unit.get_object(storage_plugin.MANIFEST)))
+        assert manifest["content"]["disk0"] == unit.content_id("disk0")
+        assert storage_plugin.SAVED_SNAPSHOT in unit.snapshots()
+        saved_event = [e for e in k.journal.events if e.kind == "storage.saved"][-1]
+        assert saved_event.data["content"] == manifest["content"]
+        unit.write("disk0", 0, b"after the save")  # the VM kept running
+        unit.write("disk1", 0, b"a new disk")
+        unit.flush()
+        vm_id = vm.id
+    with kernel(tmp_path) as k2:
+        k2.restore_vm(vm_id)
+        unit = k2.storage_unit(vm_id)
+        assert unit.read("disk0", 0, 12) == b"at save time"
+        assert unit.volumes()["disk1"]["size"] == 0
+        # Nothing is lost: the later state is kept as a snapshot.
+        assert unit.read("disk0", 0, 14, snapshot="vm.unsaved-1") == b"after the save"
+        event = [e for e in k2.journal.events if e.kind == "storage.reverted_to_save"][-1]
+        assert event.data == {"changed": ["disk0", "disk1"], "kept_as": "vm.unsaved-1"}
+        k2.check_invariants()
+
+
+def test_restore_refuses_a_saved_state_that_no_longer_matches_its_manifest(tmp_path):
+    with kernel(tmp_path) as k:
+        vm = k.create_vm("tampered")
+        unit = k.storage_unit(vm)
+        unit.write("disk0", 0, b"original")
+        k.save_vm(vm)
+        # Rewrite history: a saved state whose manifest names other content.
+        unit.delete_snapshot(storage_plugin.SAVED_SNAPSHOT)
+        unit.write("disk0", 0, b"replaced")
+        unit.snapshot(storage_plugin.SAVED_SNAPSHOT)
+        unit.flush()
+        k.destroy_vm(vm)
+        with pytest.raises(CorruptUnit) as err:
+            k.restore_vm(vm.id)
+        assert "disk0" in str(err.value) and err.value.unit == vm.id
+        assert vm.id not in {v.id for v in k.vms()}
+        assert unit.read("disk0", 0, 8) == b"replaced"  # the failed restore changed nothing
+
+
+class FailingRestore:
+    @hookimpl(trylast=True)
+    def vmk_vm_restore(self, kernel, vm, unit):
+        raise RuntimeError("this plugin cannot restore")
+
+
+def test_a_failed_restore_puts_the_unit_back_as_it_was(tmp_path):
+    with kernel(tmp_path) as k:
+        vm = k.create_vm("v")
+        unit = k.storage_unit(vm)
+        unit.write("disk0", 0, b"saved")
+        k.save_vm(vm)
+        unit.write("disk0", 0, b"later")
+        unit.flush()
+        vm_id = vm.id
+    with kernel(tmp_path, FailingRestore()) as k2:
+        with pytest.raises(HookFailed):
+            k2.restore_vm(vm_id)
+        unit = k2.storage_unit(vm_id)
+        assert unit.read("disk0", 0, 5) == b"later"
+        assert unit.snapshots() == [storage_plugin.SAVED_SNAPSHOT]
+
+
+@pytest.mark.skipif(
+    __import__("shutil").which("qemu-img") is None, reason="qemu-img not found: install qemu-utils"
+)
+def test_cli_import_export_and_content_ids(tmp_path):
+    with kernel(tmp_path) as k:
+        vm = k.create_vm("v")
+        k.storage_unit(vm).write("disk0", 0, b"boot" * 1024)
+        k.storage_unit(vm).flush()
+    raw = tmp_path / "in.raw"
+    raw.write_bytes(b"\x17" * 8192 + bytes(8192))
+    runner = CliRunner()
+    data = str(tmp_path / "data")
+    res = runner.invoke(cli_group(), ["storage", "import", "--data-dir", data, vm.id, "disk1", str(raw)])
+    assert res.exit_code == 1 and "format unknown" in res.output  # raw is never guessed
+    res = runner.invoke(
+        cli_group(), ["storage", "import", "--data-dir", data, vm.id, "disk1", str(raw), "--format", "raw"]
+    )
+    assert res.exit_code == 0, res.output
+    digest = __import__("blake3").blake3(raw.read_bytes()).hexdigest()
+    assert res.output.split() == [digest, "disk1"]
+    out = tmp_path / "out.qcow2"
+    args = ["storage", "export", "--data-dir", data, vm.id, "disk1", str(out), "--format", "qcow2"]
+    res = runner.invoke(cli_group(), args)
+    assert res.exit_code == 0 and res.output.split()[0] == digest
+    assert out.read_bytes()[:4] == b"QFI\xfb"
+    res = runner.invoke(cli_group(), ["storage", "id", "--data-dir", data, vm.id])
+    assert res.exit_code == 0 and f"{digest}  disk1" in res.output
+    res = runner.invoke(cli_group(), ["storage", "export", "--data-dir", data, vm.id, "disk1", str(out)])
+    assert res.exit_code == 1 and "does not exist yet" in res.output

@@ -1132,6 +1132,44 @@ def test_vmk_frames_out(make: Callable[..., Kernel]) -> None:
     )
 
 
+def test_vmk_frames_in(make: Callable[..., Kernel]) -> None:
+    # The mirror of vmk_frames_out: deliver_frames calls it, never vmk_frames_out, and vice versa.
+    class Counts:
+        name = "counts"
+
+        def __init__(self) -> None:
+            self.batches: list[tuple[str, int, list[bytes]]] = []
+
+        @hookimpl
+        def vmk_frames_in(self, kernel: Kernel, vm: VM, nic: int, frames: Any) -> dict[str, int]:
+            self.batches.append((vm.name, nic, list(frames)))
+            return {"received": len(frames)}
+
+    silent = Recorder("vmk_frames_in", "vmk_frames_out", name="silent")
+    counts = Counts()
+    k = make(silent, counts)
+    vm = k.launch_vm(k.create_vm("web"))
+    frames = [b"\x00" * 60, bytearray(b"\xff" * 64), b"\x01" * 1514]
+    assert k.deliver_frames(vm, frames, nic=2) == [{"received": 3}]  # None results are left out
+    assert counts.batches == [("web", 2, frames)]  # one call per batch
+    assert [c["nic"] for c in silent.of("vmk_frames_in")] == [2]
+    assert silent.of("vmk_frames_out") == []
+    assert k.send_frames(vm, frames) == []  # outbound frames never reach vmk_frames_in
+    assert len(counts.batches) == 1 and len(silent.of("vmk_frames_out")) == 1
+    assert k.deliver_frames(vm.name, []) == [{"received": 0}]  # an empty batch is still one call
+    k.stop_vm(vm)
+    with pytest.raises(IllegalTransition, match="deliver frames"):
+        k.deliver_frames(vm, frames)
+    veto_and_check(
+        make,
+        "vmk_frames_in",
+        lambda k: k.launch_vm(k.create_vm("web")),
+        lambda k, vm: k.deliver_frames(vm, frames),
+        "net.deliver",
+        lambda vm: f"vm:{vm.id}",
+    )
+
+
 def test_vmk_service_path(make: Callable[..., Kernel]) -> None:
     # Called by the pre-filter plugin through the plugin manager; firstresult.
     class Default:

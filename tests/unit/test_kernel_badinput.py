@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 
-from vmkernel import Kernel, VMState
+from vmkernel import Kernel, VMState, hookimpl
 from vmkernel.errors import (
     DuplicateResource,
     FeatureUnavailable,
@@ -188,6 +188,7 @@ def test_unknown_vm_everywhere(kernel: Kernel) -> None:
         lambda: kernel.destroy_vm("ghost"),
         lambda: kernel.destroy_vm("ghost", force=True),
         lambda: kernel.send_frames("ghost", [b"x"]),
+        lambda: kernel.deliver_frames("ghost", [b"x"]),
         lambda: kernel.guest_memory("ghost"),
         lambda: kernel.hypervisor_write("ghost", 0, b"x"),
         lambda: kernel.identity("ghost"),
@@ -263,16 +264,10 @@ def test_bad_arguments(kernel: Kernel, call: Callable[[Kernel], Any], thing: str
     check()
 
 
-def test_bad_frames_and_memory_writes(kernel: Kernel) -> None:
+def test_bad_memory_writes(kernel: Kernel) -> None:
     vm = kernel.launch_vm(kernel.create_vm("web"))
     check = unchanged(kernel)
     for call, thing in (
-        (lambda: kernel.send_frames(vm, b"one frame"), "frames"),
-        (lambda: kernel.send_frames(vm, "frames"), "frames"),
-        (lambda: kernel.send_frames(vm, None), "frames"),
-        (lambda: kernel.send_frames(vm, 5), "frames"),
-        (lambda: kernel.send_frames(vm, [b"x"], nic=256), "nic"),
-        (lambda: kernel.send_frames(vm, [b"x"], nic=-1), "nic"),
         (lambda: kernel.hypervisor_write(vm, -1, b"x"), "gpa"),
         (lambda: kernel.hypervisor_write(vm, 2**64, b"x"), "gpa"),
         (lambda: kernel.hypervisor_write(vm, 0, "text"), "data"),
@@ -281,9 +276,55 @@ def test_bad_frames_and_memory_writes(kernel: Kernel) -> None:
             call()
         assert info.value.thing == thing
     check()
+
+
+@pytest.mark.parametrize(
+    ("method", "verb"), [("send_frames", "send frames"), ("deliver_frames", "deliver frames")]
+)
+def test_bad_frames(kernel: Kernel, method: str, verb: str) -> None:
+    # Both directions check the same things, before any hook runs.
+    calls: list[tuple[str, int, str]] = []
+
+    class Spy:
+        @hookimpl
+        def vmk_frames_out(self, kernel: Kernel, vm: Any, nic: int, frames: Any) -> None:
+            calls.append(("out", nic, repr(frames)))
+
+        @hookimpl
+        def vmk_frames_in(self, kernel: Kernel, vm: Any, nic: int, frames: Any) -> None:
+            calls.append(("in", nic, repr(frames)))
+
+    kernel.pm.register(Spy(), name="spy")
+    frames_call = getattr(kernel, method)
+    vm = kernel.launch_vm(kernel.create_vm("web"))
+    check = unchanged(kernel)
+    for args, kwargs, thing in (
+        ((b"one frame",), {}, "frames"),
+        (("frames",), {}, "frames"),
+        ((None,), {}, "frames"),
+        ((5,), {}, "frames"),
+        (({b"x"},), {}, "frames"),
+        (([b"x", "text"],), {}, "frames[1]"),
+        (([b"x", 7],), {}, "frames[1]"),
+        (([None],), {}, "frames[0]"),
+        (([memoryview(b"x")],), {}, "frames[0]"),
+        (([b"x"],), {"nic": 256}, "nic"),
+        (([b"x"],), {"nic": -1}, "nic"),
+        (([b"x"],), {"nic": True}, "nic"),
+        (([b"x"],), {"nic": 1.0}, "nic"),
+    ):
+        with pytest.raises(InvalidArgument) as info:
+            frames_call(vm, *args, **kwargs)
+        assert info.value.thing == thing
+        assert_typed(info.value)
+    assert calls == []
+    check()
     kernel.stop_vm(vm)
-    with pytest.raises(IllegalTransition, match="send frames"):
-        kernel.send_frames(vm, [b"x"])
+    with pytest.raises(IllegalTransition, match=verb):
+        frames_call(vm, [b"x"])
+    with pytest.raises(UnknownResource, match="ghost"):
+        frames_call("ghost", [b"x"])
+    assert calls == []
 
 
 def test_disk_misuse(kernel: Kernel) -> None:
@@ -366,6 +407,7 @@ def test_closed_kernel_refuses_operations(tmp_path: Path) -> None:
         lambda: k.launch_container("h0", "app"),
         lambda: k.apply_config("host:h0", []),
         lambda: k.send_frames(vm, [b"x"]),
+        lambda: k.deliver_frames(vm, [b"x"]),
     ]
     for call in calls:
         with pytest.raises(InvalidArgument, match="closed") as info:

@@ -207,6 +207,13 @@ CASES: dict[str, Case] = {
     "frames-out": Case(
         "vmk_frames_out", _running, lambda k, vm: k.send_frames(vm, [b"\x00" * 64]), "net.send", _vm_subject
     ),
+    "frames-in": Case(
+        "vmk_frames_in",
+        _running,
+        lambda k, vm: k.deliver_frames(vm, [b"\x00" * 64]),
+        "net.deliver",
+        _vm_subject,
+    ),
     "config-receive": Case(
         "vmk_config_receive",
         lambda k: None,

@@ -66,7 +66,7 @@ def append_record(
     sb = newest_superblock(image)
     pos = sb.checkpoint_pos
     if rtype == fmt.T_BLOCKS:
-        table = fmt.crc_table(body, count)
+        table = fmt.crc_table(body)
         head = fmt.pack_header(rtype, sb.epoch, count, sb.checkpoint_seq + 1, owner, volume, offset, 0, table)
         rec = head + table + body
     else:

@@ -6,6 +6,7 @@ and the differential tests hold the Rust versions to it.  Add one import line
 and one ``__all__`` entry per model.
 """
 
+from vmkernel.reference.blockcrc import crc32c_blocks, crc32c_first_mismatch
 from vmkernel.reference.journal_chain import JournalChain
 from vmkernel.reference.prefilter import Prefilter, PrefilterDecision
 from vmkernel.reference.processor import Processor
@@ -18,4 +19,6 @@ __all__ = [
     "PrefilterDecision",
     "Processor",
     "RuleEngine",
+    "crc32c_blocks",
+    "crc32c_first_mismatch",
 ]

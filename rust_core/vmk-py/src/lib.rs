@@ -14,6 +14,7 @@ mod buffers;
 mod errors;
 
 // One line per wrapped vmk-core module.
+mod blockcrc;
 mod journal_chain;
 mod prefilter;
 mod processor;
@@ -23,6 +24,7 @@ mod rulevm;
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     // One line per wrapped vmk-core module.
+    blockcrc::register(m)?;
     journal_chain::register(m)?;
     prefilter::register(m)?;
     processor::register(m)?;
