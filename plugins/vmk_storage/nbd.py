@@ -68,6 +68,8 @@ _SIMPLE_REPLY = struct.Struct(">IIQ")
 _OPT_REPLY = struct.Struct(">QIII")
 
 DEFAULT_EXPORT = "unit"
+_MAX_OPTION_PAYLOAD = 64 << 10
+_MAX_OPTION_REPLIES = 64
 
 
 class NbdProtocolError(OSError):
@@ -137,10 +139,12 @@ class NbdClient:
         name = self.export.encode()
         data = struct.pack(">I", len(name)) + name + struct.pack(">HH", 1, INFO_BLOCK_SIZE)
         self._send([struct.pack(">I", client_flags), struct.pack(">QII", IHAVEOPT, OPT_GO, len(data)), data])
-        while True:
+        for _ in range(_MAX_OPTION_REPLIES):
             magic, option, rtype, length = _OPT_REPLY.unpack(self._recv_exact(_OPT_REPLY.size))
             if magic != REPLY_MAGIC or option != OPT_GO:
                 raise NbdProtocolError(f"option reply {magic:#x} for option {option}")
+            if length > _MAX_OPTION_PAYLOAD:  # the protocol caps strings at 4 KiB; never allocate more
+                raise NbdProtocolError(f"option reply of {length} bytes (at most {_MAX_OPTION_PAYLOAD})")
             payload = self._recv_exact(length) if length else b""
             if rtype & REP_ERR_BIT:
                 message = payload.decode(errors="replace")
@@ -150,10 +154,16 @@ class NbdClient:
             if rtype == REP_INFO and len(payload) >= 2:
                 (info,) = struct.unpack_from(">H", payload)
                 if info == INFO_EXPORT:
+                    if len(payload) != 12:
+                        raise NbdProtocolError(f"NBD_INFO_EXPORT of {len(payload)} bytes, expected 12")
                     self.size, self.transmission_flags = struct.unpack_from(">QH", payload, 2)
                 elif info == INFO_BLOCK_SIZE:
+                    if len(payload) != 14:
+                        raise NbdProtocolError(f"NBD_INFO_BLOCK_SIZE of {len(payload)} bytes, expected 14")
                     _minimum, _preferred, maximum = struct.unpack_from(">III", payload, 2)
                     self.max_payload = max(4096, min(maximum, 32 << 20))
+        else:
+            raise NbdProtocolError(f"no NBD_REP_ACK after {_MAX_OPTION_REPLIES} option replies")
         if not self.transmission_flags & TF_HAS_FLAGS:
             raise NbdProtocolError("export information missing")
 
