@@ -300,6 +300,7 @@ __all__ += [
     "DiskImageError",
     "OwnerMismatch",
     "QuotaExceeded",
+    "ReplicaDiverged",
     "StorageError",
     "TruncatedUnit",
     "UnitBusy",
@@ -365,6 +366,10 @@ class UnitDestroyed(StorageError):
 
 class UnitBusy(StorageError):
     """Another process has the unit open for writing."""
+
+
+class ReplicaDiverged(StorageError):
+    """A replica of a unit was written on its own since it was last replicated; it is not overwritten."""
 
 
 class DiskImageError(InvalidArgument):

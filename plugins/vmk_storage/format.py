@@ -67,7 +67,7 @@ KNOWN_AUTOCLEAR = 0
 REC_MAGIC = 0x524B4D56  # "VMKR"
 # magic, type, flags, epoch, count, seq, owner, volume, reserved, offset, payload len, header crc
 _REC = struct.Struct("<IHHIIQ16sIIQII")
-REC_HEADER = _REC.size  # 72
+REC_HEADER = _REC.size  # 64
 
 T_BLOCKS = 1  # count blocks of volume at block offset; crc table + data
 T_VOLUME = 2  # declare volume id (volume field) named by the payload

@@ -14,7 +14,8 @@ Settings (``Kernel(config={"storage": {...}})``): ``backend`` (``local`` or
 ``nbd``), ``on_destroy`` (``retain``/``delete``; per VM:
 ``create_vm(..., storage_on_destroy=...)``), ``quota`` (bytes, per new unit),
 ``nbd_capacity`` (bytes of a new NBD-served image), ``sync`` (``single`` or
-``ordered``, see :meth:`StorageUnit.flush`).
+``ordered``, see :meth:`StorageUnit.flush`), ``replicate_to`` (another data
+directory: every ``save_vm`` then brings the VM's replica there up to date).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ MANIFEST = "vm.manifest"  # BLAKE3 of every volume and object at that save
 @dataclass
 class StorageState:
     store: UnitStore
+    replicas: UnitStore | None = None  # the store save_vm replicates into, when configured
     pending_memory: set[str] = field(default_factory=set)
     # VM id -> snapshot holding the state a restore reverted away from (undone on rollback)
     reverted: dict[str, str] = field(default_factory=dict)
@@ -74,6 +76,11 @@ def state(kernel: Kernel) -> StorageState:
     made = StorageState(
         UnitStore(kernel.data_dir / "storage", backend, quota=quota, sync=conf.get("sync", "single"))
     )
+    replica_dir = conf.get("replicate_to")
+    if replica_dir is not None:
+        if not isinstance(replica_dir, str | Path):
+            raise InvalidArgument("config['storage']['replicate_to']", replica_dir, "a directory path")
+        made.replicas = UnitStore(Path(replica_dir) / "storage")
     kernel.stash[KEY] = made
     return made
 
@@ -102,6 +109,8 @@ def vmk_unconfigure(kernel: Kernel) -> None:
     found = kernel.stash.get(KEY, None)
     if found is not None:
         found.store.close()
+        if found.replicas is not None:
+            found.replicas.close()
 
 
 # ------------------------------------------------------------------------- units
@@ -170,6 +179,10 @@ def vmk_vm_save(kernel: Kernel, vm: VM, unit: StorageUnit) -> None:
         unit.delete_snapshot(SAVED_SNAPSHOT)
     unit.snapshot(SAVED_SNAPSHOT)
     kernel.emit("storage.saved", f"vm:{vm.id}", content=content)
+    replicas = state(kernel).replicas
+    if replicas is not None:
+        result = unit.replicate_to(replicas)
+        kernel.emit("storage.replicated", f"vm:{vm.id}", mode=result["mode"], bytes=result["bytes"])
 
 
 def _verify_saved(kernel: Kernel, vm: VM, unit: StorageUnit) -> None:
@@ -321,11 +334,24 @@ def vmk_demo(kernel: Kernel, demo: Any) -> None:
             imported = unit.import_volume("disk1", path)
         qcow2 = "identical" if exported == imported == unit.content_id("disk0") else "DIFFERENT"
     demo.step(f"exported disk0 as qcow2 (qemu-img) and imported it back as disk1: {qcow2}")
+    replicas = UnitStore(kernel.data_dir / "replica" / "storage")
+    try:
+        first = unit.replicate_to(replicas)
+        unit.write("disk0", 8 << 20, b"written after the first replication")
+        second = unit.replicate_to(replicas)
+        replicated = replicas.get(unit.vm_id).content_ids() == unit.content_ids()
+    finally:
+        replicas.close()
+    demo.step(
+        f"replicated the unit to another store: {first['mode']} {first['bytes']} bytes, then "
+        f"{second['mode']} {second['bytes']} bytes; replica identical: {replicated}"
+    )
     problems = sum(len(p) for p in store_of(kernel).check().values())
     demo.step(f"scanned every unit: {problems} problems")
     demo.record("units", len(kernel.storage_units()))
     demo.record("clone_identical", same and ids_match)
     demo.record("qcow2_round_trip", qcow2)
+    demo.record("replica_identical", replicated)
     demo.record("check_problems", problems)
 
 
@@ -468,4 +494,29 @@ def vmk_cli_commands(group: click.Group) -> None:
         except VmkError as exc:
             raise click.ClickException(str(exc)) from None
         finally:
+            store.close()
+
+    @storage.command("replicate")
+    @click.argument("vm_id")
+    @click.option(
+        "--to",
+        "to_dir",
+        required=True,
+        type=click.Path(file_okay=False),
+        help="Data directory that holds (or will hold) the replica.",
+    )
+    @click.option("--force", is_flag=True, help="Replace a replica that was written on its own.")
+    @data_dir_option
+    @click.pass_context
+    def replicate_cmd(ctx: click.Context, vm_id: str, to_dir: str, force: bool, data_dir: str | None) -> None:
+        """Bring a unit's replica in another data directory up to date (only new records are shipped)."""
+        store = _cli_store(ctx, data_dir)
+        target = UnitStore(Path(to_dir) / "storage")
+        try:
+            result = store.get(canonical_vm_id(vm_id)).replicate_to(target, force=force)
+            click.echo(f"{result['mode']}: {result['bytes']} bytes shipped, log end {result['log_end']}")
+        except VmkError as exc:
+            raise click.ClickException(str(exc)) from None
+        finally:
+            target.close()
             store.close()

@@ -110,18 +110,8 @@ class UnitStore:
             raise InvalidArgument("quota", quota, f"None or a byte count >= {fmt.LOG_START}")
         tmp = self.root / f".new-{vm_id}"
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        sb = fmt.Superblock(owner=fmt.owner_bytes(vm_id), quota=quota or 0, backend=self.backend_kind)
         try:
-            with open(tmp / IMAGE, "wb") as f:
-                for _ in (0, 1):  # both slots valid from the start
-                    sb.generation += 1
-                    f.seek(sb.slot_offset)
-                    f.write(sb.pack().ljust(fmt.SB_SLOT, b"\0"))
-                f.flush()
-                os.fsync(f.fileno())
-            (tmp / "lock").touch()
-            fsync_dir(tmp)
+            self.new_image(tmp, vm_id, quota=quota)
             os.rename(tmp, final)
             fsync_dir(self.root)
         except OSError as exc:
@@ -130,6 +120,20 @@ class UnitStore:
                 vm_id, None, "could not create the unit", str(exc), "a writable data directory"
             ) from exc
         return self.get(vm_id)
+
+    def new_image(self, directory: Path, vm_id: str, *, quota: int | None) -> None:
+        """Make ``directory`` hold an empty unit image of ``vm_id`` (both superblocks valid), durably."""
+        directory.mkdir()
+        sb = fmt.Superblock(owner=fmt.owner_bytes(vm_id), quota=quota or 0, backend=self.backend_kind)
+        with open(directory / IMAGE, "wb") as f:
+            for _ in (0, 1):  # both slots valid from the start
+                sb.generation += 1
+                f.seek(sb.slot_offset)
+                f.write(sb.pack().ljust(fmt.SB_SLOT, b"\0"))
+            f.flush()
+            os.fsync(f.fileno())
+        (directory / "lock").touch()
+        fsync_dir(directory)
 
     def open_or_create(self, vm_id: str) -> StorageUnit:
         return self.get(vm_id) if self.exists(vm_id) else self.create(vm_id)

@@ -1270,6 +1270,18 @@ class StorageUnit:
 
         return images.import_volume(self, volume, Path(path), image_format=format)
 
+    def replicate_to(self, target: UnitStore, *, force: bool = False) -> dict[str, Any]:
+        """Bring this unit's replica in another store up to date, shipping only new log records.
+
+        Returns ``{"mode": "full" | "incremental" | "up-to-date", "bytes": n, "log_end": ...,
+        "sequence": ...}``.  A replica written on its own since raises
+        :class:`~vmkernel.errors.ReplicaDiverged` unless ``force=True``; see
+        :mod:`vmk_storage.replicate`.
+        """
+        from vmk_storage import replicate
+
+        return replicate.replicate(self, target, force=force)
+
     # ------------------------------------------------------- introspection
     def volumes(self) -> dict[str, dict[str, Any]]:
         """Volume name -> role, logical size (bytes up to the last written block) and block count."""

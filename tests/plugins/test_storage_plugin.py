@@ -199,6 +199,7 @@ def test_report_and_demo(tmp_path):
             "units": 2,
             "clone_identical": True,
             "qcow2_round_trip": qcow2,
+            "replica_identical": True,
             "check_problems": 0,
         }
         section = storage_plugin.vmk_report(k)
@@ -333,3 +334,30 @@ def test_cli_import_export_and_content_ids(tmp_path):
     assert res.exit_code == 0 and f"{digest}  disk1" in res.output
     res = runner.invoke(cli_group(), ["storage", "export", "--data-dir", data, vm.id, "disk1", str(out)])
     assert res.exit_code == 1 and "does not exist yet" in res.output
+
+
+def test_save_vm_replicates_when_configured_and_the_cli_replicates(tmp_path):
+    replica_dir = tmp_path / "dr-site"
+    with kernel(tmp_path, replicate_to=str(replica_dir)) as k:
+        vm = k.create_vm("v")
+        unit = k.storage_unit(vm)
+        unit.write("disk0", 0, b"saved and replicated")
+        k.save_vm(vm)
+        unit.write("disk0", 4096, b"second save")
+        k.save_vm(vm)
+        events = [e.data for e in k.journal.events if e.kind == "storage.replicated"]
+        assert [e["mode"] for e in events] == ["full", "incremental"] and events[1]["bytes"] > 0
+        ids = unit.content_ids()
+    # The replica site restores the VM on its own, exactly as saved.
+    with Kernel(plugins=[storage_plugin], autoload=False, data_dir=replica_dir) as dr:
+        restored = dr.restore_vm(vm.id)
+        assert restored.name == "v"
+        assert dr.storage_unit(vm.id).content_ids() == ids
+        assert dr.storage_unit(vm.id).read("disk0", 4096, 11) == b"second save"
+    runner = CliRunner()
+    other = tmp_path / "other-site"
+    args = ["storage", "replicate", "--data-dir", str(tmp_path / "data"), vm.id, "--to", str(other)]
+    res = runner.invoke(cli_group(), args)
+    assert res.exit_code == 0 and res.output.startswith("full:"), res.output
+    res = runner.invoke(cli_group(), args)
+    assert res.exit_code == 0 and res.output.startswith("up-to-date: 0 bytes")
