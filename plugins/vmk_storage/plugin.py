@@ -20,8 +20,9 @@ directory: every ``save_vm`` then brings the VM's replica there up to date).
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -366,6 +367,18 @@ def _cli_store(ctx: click.Context, data_dir: str | None) -> UnitStore:
     return UnitStore(base / "storage")
 
 
+@contextlib.contextmanager
+def _cli_session(ctx: click.Context, data_dir: str | None) -> Iterator[UnitStore]:
+    """The data directory's store for one command; a vmkernel error becomes a one-line CLI error."""
+    store = _cli_store(ctx, data_dir)
+    try:
+        yield store
+    except VmkError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        store.close()
+
+
 @hookimpl
 def vmk_cli_commands(group: click.Group) -> None:
     # The commands read the data directory directly (read-only opens): they work on a
@@ -429,14 +442,9 @@ def vmk_cli_commands(group: click.Group) -> None:
     @click.pass_context
     def content_id(ctx: click.Context, vm_id: str, snapshot: str | None, data_dir: str | None) -> None:
         """Print the BLAKE3 content id of every volume and object of a unit (b3sum of raw exports)."""
-        store = _cli_store(ctx, data_dir)
-        try:
+        with _cli_session(ctx, data_dir) as store:
             for name, digest in store.get(canonical_vm_id(vm_id)).content_ids(snapshot=snapshot).items():
                 click.echo(f"{digest}  {name}")
-        except VmkError as exc:
-            raise click.ClickException(str(exc)) from None
-        finally:
-            store.close()
 
     @storage.command("export")
     @click.argument("vm_id")
@@ -458,17 +466,12 @@ def vmk_cli_commands(group: click.Group) -> None:
         data_dir: str | None,
     ) -> None:
         """Write a volume to a raw (sparse) or qcow2 image file; prints its content id."""
-        store = _cli_store(ctx, data_dir)
-        try:
+        with _cli_session(ctx, data_dir) as store:
             unit = store.get(canonical_vm_id(vm_id))
             digest = unit.export_volume(
                 volume, path, format=image_format, snapshot=snapshot, overwrite=overwrite
             )
             click.echo(f"{digest}  {path}")
-        except VmkError as exc:
-            raise click.ClickException(str(exc)) from None
-        finally:
-            store.close()
 
     @storage.command("import")
     @click.argument("vm_id")
@@ -487,14 +490,9 @@ def vmk_cli_commands(group: click.Group) -> None:
         ctx: click.Context, vm_id: str, volume: str, path: str, image_format: str | None, data_dir: str | None
     ) -> None:
         """Replace a volume of a unit with a checked copy of a qcow2 or raw image; prints its content id."""
-        store = _cli_store(ctx, data_dir)
-        try:
+        with _cli_session(ctx, data_dir) as store:
             digest = store.get(canonical_vm_id(vm_id)).import_volume(volume, path, format=image_format)
             click.echo(f"{digest}  {volume}")
-        except VmkError as exc:
-            raise click.ClickException(str(exc)) from None
-        finally:
-            store.close()
 
     @storage.command("replicate")
     @click.argument("vm_id")
@@ -510,13 +508,10 @@ def vmk_cli_commands(group: click.Group) -> None:
     @click.pass_context
     def replicate_cmd(ctx: click.Context, vm_id: str, to_dir: str, force: bool, data_dir: str | None) -> None:
         """Bring a unit's replica in another data directory up to date (only new records are shipped)."""
-        store = _cli_store(ctx, data_dir)
         target = UnitStore(Path(to_dir) / "storage")
         try:
-            result = store.get(canonical_vm_id(vm_id)).replicate_to(target, force=force)
-            click.echo(f"{result['mode']}: {result['bytes']} bytes shipped, log end {result['log_end']}")
-        except VmkError as exc:
-            raise click.ClickException(str(exc)) from None
+            with _cli_session(ctx, data_dir) as store:
+                result = store.get(canonical_vm_id(vm_id)).replicate_to(target, force=force)
+                click.echo(f"{result['mode']}: {result['bytes']} bytes shipped, log end {result['log_end']}")
         finally:
             target.close()
-            store.close()

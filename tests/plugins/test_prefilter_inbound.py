@@ -9,11 +9,11 @@ its own.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
+from test_prefilter_plugin import two_vms  # the same two running VMs as the outbound tests
 from vmk_prefilter import build_frame
 from vmk_prefilter import plugin as prefilter_plugin
 
@@ -33,35 +33,18 @@ def impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str
 
 
 @pytest.fixture
-def make(tmp_path: Path, impl: str) -> Iterator[Callable[..., Kernel]]:
-    made: list[Kernel] = []
+def make(make_kernel: Callable[..., Kernel], impl: str) -> Callable[..., Kernel]:
+    """Kernels with only the pre-filter plugin (and ``extra`` ones), on the parametrized implementation."""
 
     def factory(*extra: Any, **kwargs: Any) -> Kernel:
-        k = Kernel(
-            plugins=[prefilter_plugin, *extra],
-            autoload=False,
-            data_dir=tmp_path / f"k{len(made)}",
-            **kwargs,
-        )
-        made.append(k)
-        return k
+        return make_kernel(plugins=[prefilter_plugin, *extra], autoload=False, **kwargs)
 
-    yield factory
-    for k in made:
-        k.close()
+    return factory
 
 
 @pytest.fixture
 def kernel(make: Callable[..., Kernel]) -> Kernel:
     return make()
-
-
-def two_vms(k: Kernel) -> tuple[VM, VM]:
-    client = k.create_vm("client", memory_mib=64, ip="10.0.0.1")
-    server = k.create_vm("server", memory_mib=64, ip="10.0.0.2")
-    k.launch_vm(client)
-    k.launch_vm(server)
-    return client, server
 
 
 def invariants(k: Kernel) -> dict[str, str | None]:
