@@ -4,7 +4,9 @@ Prints: full attestation (challenge, report, verification, sealed secret,
 identity certificate, guest acceptance) per VM in-process and over HTTP on
 loopback; a whole confidential launch through the kernel; entropy-device
 throughput on both paths; private-page encryption through the engine, in
-batches against one call per page; and the crypto primitives underneath.
+batches against one call per page; the same engine with its pages in the
+processor plugin's guest memory against its own sparse store; and the crypto
+primitives underneath.
 
 Run: .venv/bin/python bench/bench_confidential.py [--quick]
 """
@@ -136,6 +138,49 @@ def encryption() -> None:
     )
 
 
+def guest_memory_store() -> None:
+    print("where the pages live: the processor's guest memory against the engine's own store")
+    from vmk_processor import plugin as processor
+
+    n = 10 if QUICK else 40
+    pages = 256
+    gpas = [0x20_0000 + i * PAGE_SIZE for i in range(pages)]
+    data = os.urandom(pages * PAGE_SIZE)
+    mib = pages * PAGE_SIZE / (1 << 20)
+    config = {"processor.memory_mib": 1024}
+    with (
+        Kernel(seed=1, plugins=[confidential], autoload=False) as alone,
+        Kernel(seed=1, plugins=[processor, confidential], autoload=False, config=config) as both,
+    ):
+        engines = {}
+        for label, k in (("own store", alone), ("guest memory", both)):
+            vm = k.create_vm("cvm", memory_mib=16, confidential=True)
+            k.launch_vm(vm.id)
+            engines[label] = confidential.engine_of(k, vm.id)
+            engines[label].mark_private(gpas)
+        for label, engine in engines.items():
+            w = rate(lambda e=engine: e.guest_write_pages(gpas, data), n) * mib  # type: ignore[misc]
+            r = rate(lambda e=engine: e.guest_read_pages(gpas), n) * mib  # type: ignore[misc]
+            line(f"engine 256-page write / read, {label}", w, "MB/s", f"read {r:.0f} MB/s")
+        store = engines["guest memory"].store
+        raw = rate(lambda: store.write_pages(gpas, data), n) * mib
+        line("guest memory write_pages alone, 256-page batches", raw, "MB/s")
+        for label, k in (("own store", alone), ("guest memory", both)):
+            count = [0]
+
+            def launch(k: Kernel = k, count: list[int] = count) -> None:
+                count[0] += 1
+                vm = k.create_vm(f"l{count[0]}", memory_mib=16, confidential=True)
+                k.launch_vm(vm.id)
+                k.destroy_vm(vm.id, force=True)
+
+            line(f"kernel create+launch+destroy, {label}", 1000.0 / rate(launch, n // 2), "ms")
+            device = k.entropy(k.vms()[0].id)
+            start = time.perf_counter()
+            device.read(16 << 20)
+            line(f"entropy throughput, {label}", 16 / (time.perf_counter() - start), "MB/s")
+
+
 def primitives() -> None:
     print("primitives")
     key = ec.generate_private_key(ec.SECP384R1())
@@ -201,4 +246,5 @@ if __name__ == "__main__":
     attestation()
     entropy()
     encryption()
+    guest_memory_store()
     primitives()

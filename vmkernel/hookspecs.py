@@ -297,9 +297,12 @@ def vmk_authorize(kernel: Kernel, principal: Principal, operation: str, resource
 def vmk_guest_memory(kernel: Kernel, vm: VM) -> Any:
     """Return the object that owns ``vm``'s guest memory, or ``None``.
 
-    The object offers ``read(gpa, n) -> bytes`` and ``write(gpa, data)`` in
-    guest-physical addresses as the guest sees them (after decryption).  The
-    processor plugin provides it; the first non-``None`` result wins.
+    The object offers ``read(gpa, n) -> bytes`` and ``write(gpa, data)`` at
+    guest-physical addresses, as the host sees the memory: a confidential
+    VM's private pages read as ciphertext.  It may also offer the page-batch
+    methods ``read_pages``, ``write_pages``, ``discard_pages`` and ``pages()``
+    (the pages that hold data).  The processor plugin provides it; the first
+    non-``None`` result wins.
 
     :param kernel: the kernel.
     :param vm: a launched VM.

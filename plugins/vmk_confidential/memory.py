@@ -15,6 +15,13 @@ GF(2^128) tweak masks for all pages at once) measured slower than that on
 every batch size, so it serves only as the independent reference in the
 tests.
 
+Where pages live: the engine works on any store.  In a kernel with a
+processor plugin the store is the VM's guest memory as the processor
+translates it (so the host view, a saved memory image and the engine agree);
+without one it is a :class:`DictPageStore`.  :class:`SplitPageStore` puts
+GPAs from a boundary up (the entropy device's aperture at 2**40, which no
+guest RAM reaches) into a second store.
+
 Modes: in SEV-like mode a hypervisor write to a private page lands as raw bytes
 (the guest later reads them decrypted, i.e. garbage); in SNP-like mode the
 hardware forbids it and the write faults with :class:`TranslationFault`.
@@ -36,6 +43,7 @@ __all__ = [
     "EncryptionMode",
     "MemoryEncryptionEngine",
     "PageStore",
+    "SplitPageStore",
     "xts_pages",
 ]
 
@@ -90,6 +98,61 @@ class DictPageStore:
 
     def pages(self) -> Iterable[int]:
         return list(self._pages)
+
+
+class SplitPageStore:
+    """One address space over two stores: pages below ``boundary`` in ``low``, the others in ``high``.
+
+    A batch that touches both is split, each store gets one call, and the
+    pages come back in the order asked for.
+    """
+
+    def __init__(self, low: PageStore, high: PageStore, boundary: int) -> None:
+        if boundary <= 0 or boundary % PAGE_SIZE:
+            raise InvalidArgument("boundary", boundary, f"a positive multiple of {PAGE_SIZE}")
+        self.low = low
+        self.high = high
+        self.boundary = boundary
+
+    def _sides(self, gpas: Sequence[int]) -> tuple[list[int], list[int]]:
+        low = [i for i, gpa in enumerate(gpas) if gpa < self.boundary]
+        high = [i for i, gpa in enumerate(gpas) if gpa >= self.boundary]
+        return low, high
+
+    def read_pages(self, gpas: Sequence[int]) -> bytes:
+        low, high = self._sides(gpas)
+        if not high:
+            return self.low.read_pages(gpas)
+        if not low:
+            return self.high.read_pages(gpas)
+        out = bytearray(len(gpas) * PAGE_SIZE)
+        for store, side in ((self.low, low), (self.high, high)):
+            data = store.read_pages([gpas[i] for i in side])
+            for j, i in enumerate(side):
+                out[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] = data[j * PAGE_SIZE : (j + 1) * PAGE_SIZE]
+        return bytes(out)
+
+    def write_pages(self, gpas: Sequence[int], data: bytes) -> None:
+        low, high = self._sides(gpas)
+        if not high:
+            self.low.write_pages(gpas, data)
+        elif not low:
+            self.high.write_pages(gpas, data)
+        else:
+            view = memoryview(data)
+            for store, side in ((self.low, low), (self.high, high)):
+                part = b"".join([view[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] for i in side])
+                store.write_pages([gpas[i] for i in side], part)
+
+    def discard_pages(self, gpas: Sequence[int]) -> None:
+        low, high = self._sides(gpas)
+        if low:
+            self.low.discard_pages([gpas[i] for i in low])
+        if high:
+            self.high.discard_pages([gpas[i] for i in high])
+
+    def pages(self) -> Iterable[int]:
+        return [*self.low.pages(), *self.high.pages()]
 
 
 def _check_pages(gpas: Sequence[int], data: bytes | None = None) -> None:

@@ -9,6 +9,14 @@ generates, verification by the trust authority, and on VERIFIED the sealed
 secret and an identity certificate.  Any failure vetoes the launch, so the
 kernel rolls it back and nothing is released.
 
+Memory: with a processor plugin loaded, ``kernel.guest_memory(vm)`` is a page
+store and the engine keeps the VM's pages there, so the host reads ciphertext
+through the processor and the storage plugin saves that ciphertext; the
+entropy device's aperture above guest RAM stays in a small store of its own.
+Without one, the engine has a private sparse store.  Keys live as long as a
+launch: a restored VM is confidential again, but its next launch has a new
+key, so pages encrypted under the old one no longer decrypt.
+
 The trust authority is in-process by default; ``config={"confidential":
 {"trust_authority": "http"}}`` serves it over HTTP on a loopback port for the
 kernel's lifetime, and a URL uses an external one.  Journal events carry
@@ -34,15 +42,28 @@ import numpy as np
 from cryptography import x509
 
 from vmkernel import VM, Host, Invariant, Kernel, ReportSection, StashKey, VMState, hookimpl
-from vmkernel.errors import AttestationError, IllegalTransition, InvalidArgument, VmkError
+from vmkernel.errors import (
+    AttestationError,
+    FeatureUnavailable,
+    IllegalTransition,
+    InvalidArgument,
+    VmkError,
+)
 
 from .authority import TrustAuthority
 from .certs import Vendor
-from .entropy import EntropyDevice
-from .memory import DictPageStore, EncryptionMode, MemoryEncryptionEngine, PageStore
+from .entropy import ENTROPY_APERTURE, EntropyDevice
+from .memory import (
+    PAGE_SIZE,
+    DictPageStore,
+    EncryptionMode,
+    MemoryEncryptionEngine,
+    PageStore,
+    SplitPageStore,
+)
 from .policy import ReferencePolicy
 from .provision import GuestAgent
-from .psp import DEFAULT_TCB, LaunchImage, SecurityModule, guest_policy
+from .psp import DEFAULT_TCB, DELIVERY_GPA, LaunchImage, SecurityModule, guest_policy
 from .report import AttestationReport, Tcb
 from .service import HttpTransport, InProcessTransport, ServerThread, Transport
 from .verify import MANDATORY_CHECKS
@@ -276,15 +297,28 @@ def vmk_vm_create(kernel: Kernel, vm: VM, options: Mapping[str, Any]) -> None:
     kernel.emit("confidential.create", f"vm:{vm.id}", mode=opts.mode.value, workload=opts.workload or vm.name)
 
 
-def _page_store(kernel: Kernel, vm: VM) -> PageStore:
-    """The VM's guest memory if it offers the page-store interface, else a private sparse store."""
+def _page_store(kernel: Kernel, vm: VM, image: LaunchImage) -> PageStore:
+    """Where the engine keeps the VM's pages: its guest memory if that is a page store, else its own.
+
+    Guest memory holds the VM's RAM; the entropy aperture (GPAs from 2**40, far
+    above any RAM the processor maps) goes to a sparse store beside it.
+    """
     try:
         memory = kernel.guest_memory(vm)
-    except VmkError:
+    except FeatureUnavailable:
         return DictPageStore()
-    if isinstance(memory, PageStore):
-        return memory
-    return DictPageStore()
+    if not isinstance(memory, PageStore):
+        return DictPageStore()
+    size = getattr(memory, "size", None)
+    end = max(image.firmware_gpas()[-1], DELIVERY_GPA) + PAGE_SIZE
+    if isinstance(size, int) and size < end:
+        raise InvalidArgument(
+            f"memory_mib of confidential vm {vm.name}",
+            vm.memory_mib,
+            f"at least {-(-end // (1 << 20))} MiB: the launch image and the secret page reach "
+            f"guest-physical {end:#x}",
+        )
+    return SplitPageStore(memory, DictPageStore(), ENTROPY_APERTURE)
 
 
 def _teardown(st: ConfidentialState, rec: VmRecord) -> None:
@@ -296,6 +330,8 @@ def _teardown(st: ConfidentialState, rec: VmRecord) -> None:
     rec.measurement = None
 
 
+# Default order is enough: the processor's launch is tryfirst, so the VM's guest memory is
+# mapped (and owned by this launch, released if it is vetoed) before the image is loaded.
 @hookimpl
 def vmk_vm_launch(kernel: Kernel, vm: VM) -> None:
     st = state_of(kernel)
@@ -306,15 +342,16 @@ def vmk_vm_launch(kernel: Kernel, vm: VM) -> None:
     rec.host = vm.host_id or EMBEDDED_HOST
     module = _module(kernel, st, rec.host)
     opts = rec.options
+    image = LaunchImage(vcpus=vm.vcpus)
     ctx = module.launch_start(
         vm.id,
         policy=guest_policy(debug=opts.debug, migrate_ma=opts.migrate_ma),
         mode=opts.mode,
-        store=_page_store(kernel, vm),
+        store=_page_store(kernel, vm, image),
         host_data=opts.host_data,
     )
     rec.agent = GuestAgent(ctx, module, rng=_rng(kernel, st.deterministic, f"guest:{vm.id}"))
-    rec.measurement = module.launch_image(ctx, LaunchImage(vcpus=vm.vcpus))
+    rec.measurement = module.launch_image(ctx, image)
     kernel.emit("confidential.measured", f"vm:{vm.id}", measurement=rec.measurement.hex(), host=rec.host)
     kernel.hook.vmk_launch_measure(kernel=kernel, vm=vm, measurement=rec.measurement)
     try:
@@ -350,6 +387,21 @@ def _denial_logger(kernel: Kernel, st: ConfidentialState, vm: VM) -> Callable[[s
 
 
 @hookimpl
+def vmk_vm_restore(kernel: Kernel, vm: VM, unit: Any) -> None:
+    """A restored VM that was created confidential is confidential again (launches are measured)."""
+    opts = ConfidentialOptions.parse(vm.options.get("confidential"))
+    if opts is None:
+        return
+    st = state_of(kernel)
+    st.vms[vm.id] = VmRecord(vm.id, vm.name, opts)
+    kernel.emit(
+        "confidential.restore", f"vm:{vm.id}", mode=opts.mode.value, workload=opts.workload or vm.name
+    )
+
+
+# The key is scrubbed when the destroy commits (vmk_event); the processor zeroes the
+# ciphertext in its trylast destroy, after any plugin that could veto.
+@hookimpl
 def vmk_vm_destroy(kernel: Kernel, vm: VM) -> None:
     st = state_of(kernel)
     rec = st.vms.pop(vm.id, None)
@@ -375,7 +427,7 @@ def vmk_rollback(kernel: Kernel, operation: str, subject: str, error: BaseExcept
     if st is None:
         return
     ident = subject.split(":", 1)[-1]
-    if operation == "vm.create":
+    if operation in ("vm.create", "vm.restore"):
         st.vms.pop(ident, None)
     elif operation == "vm.launch" and ident in st.vms:
         rec = st.vms[ident]
@@ -590,6 +642,15 @@ def vmk_demo(kernel: Kernel, demo: Any) -> None:
     demo.record("identity", cert.subject.rfc4514_string())
     measurement = state_of(kernel).vms[vm.id].measurement or b""
     demo.record("measurement", measurement.hex()[:24] + "…")
+    engine = engine_of(kernel, vm)
+    if isinstance(engine.store, SplitPageStore):
+        demo.step("the host reads the VM's first firmware page through guest memory: ciphertext")
+        gpa = LaunchImage().firmware_gpas()[0]
+        host = kernel.guest_memory(vm.id).read(gpa, PAGE_SIZE)
+        demo.record("pages in", "the processor's guest memory")
+        demo.record("host view differs from guest view", host != engine.guest_read_pages([gpa]))
+    else:
+        demo.record("pages in", "the engine's own store (no processor plugin)")
     demo.step("read 1 MiB from its entropy device and estimate min-entropy")
     sample = kernel.entropy(vm.id).read(1 << 20)
     est = assess_min_entropy(sample)

@@ -10,8 +10,17 @@ map of guest-physical space with one 1 GiB page, reached at guest-physical
 :meth:`ProcessorState.schedule`) writes the VM register from the hypervisor
 domain and never flushes.  Guest memory reads and writes from scripts switch
 to the VM and translate through both stages (isolation checked), so they see
-exactly what the emulated hardware allows.  Destroy zeroes and frees the
-chunks and drops the VM's TLB entries.  Host memory comes from
+exactly what the emulated hardware allows.
+
+The guest-memory object is also a page store (``read_pages``,
+``write_pages``, ``discard_pages``, ``pages``), so a memory encryption engine
+keeps a confidential VM's pages in the memory the processor translates.  An
+access of more than a few pages costs one ``translate_batch`` call and one
+physical read or write per run of pages contiguous in host memory (a 2 MiB
+chunk, or more when chunks are adjacent), never a call per page.  The plugin
+remembers which pages hold data (``pages()``) so that checks over a VM's
+memory need not scan all of it.  Destroy zeroes and frees the chunks and
+drops the VM's TLB entries.  Host memory comes from
 ``kernel.config["processor.memory_mib"]`` (default 1024); the implementation
 is the Rust one unless ``VMKERNEL_IMPL=reference``.
 """
@@ -19,10 +28,12 @@ is the Rust one unless ``VMKERNEL_IMPL=reference``.
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import click
+import numpy as np
 
 from vmk_processor.tables import PAGE_SIZE, PageTables
 from vmkernel import (
@@ -37,12 +48,14 @@ from vmkernel import (
     hookimpl,
     implementation,
 )
-from vmkernel.errors import CapacityError, InvalidArgument
+from vmkernel.errors import FAULT_KINDS, CapacityError, InvalidArgument, TranslationFault
 
 CHUNK = 2 << 20
 DEFAULT_MEMORY_MIB = 1024
 #: The hypervisor domain's entry point (where VM exits land).
 HYPERVISOR_ENTRY = 0xFFFF_F000_0000_0000
+#: Up to this many pages a scalar translation per page is cheaper than building a batch.
+_SCALAR_PAGES = 4
 
 
 def processor_class() -> Any:
@@ -59,6 +72,8 @@ class VmMemory:
     chunks: list[int]
     stage2_root: int
     view_root: int
+    #: guest-physical pages that hold data (see GuestMemory.pages)
+    written: set[int] = field(default_factory=set)
 
 
 @dataclass
@@ -156,8 +171,16 @@ def _hypervisor_rw() -> int:
 
 
 class GuestMemory:
-    """A VM's guest-physical memory as scripts see it: every access is
-    translated by the processor (both stages, isolation checked)."""
+    """A VM's guest-physical memory as the host sees it: every access is
+    translated by the processor (both stages, isolation checked).
+
+    Byte access: :meth:`read`, :meth:`write`, :meth:`translate`.  Page access
+    (the ``PageStore`` protocol of a memory encryption engine): whole 4 KiB
+    pages at page-aligned guest-physical addresses, zeros for pages never
+    written, :meth:`pages` lists the pages that hold data.
+    """
+
+    page_size = PAGE_SIZE
 
     def __init__(self, state: ProcessorState, kernel: Kernel, vm: VM) -> None:
         self._state = state
@@ -165,42 +188,189 @@ class GuestMemory:
         self._vm = vm
         self.size = vm.memory_mib << 20
 
-    def _spans(self, gpa: int, n: int, access: Access) -> list[tuple[int, int]]:
-        if not isinstance(gpa, int) or not isinstance(n, int) or gpa < 0 or n < 0:
-            raise InvalidArgument("gpa, n", (gpa, n), "non-negative integers")
-        if gpa + n > self.size:
-            raise InvalidArgument("gpa + n", gpa + n, f"at most {self.size} (the VM's memory size)")
+    # -- translation -----------------------------------------------------------
+
+    def _memory(self) -> VmMemory:
+        """The VM's mapped memory (UnknownResource once the VM is destroyed)."""
+        return self._state.ensure(self._kernel, self._kernel.vm(self._vm.id))
+
+    def _host_runs(self, pages: Sequence[int], access: Access) -> list[tuple[int, int, int]]:
+        """``(first index, page count, host address)`` per run of ``pages`` contiguous in host memory.
+
+        One batch translation for all pages (as the VM, from the hypervisor
+        domain); a fault is raised as the scalar call raises it.
+        """
+        if not len(pages):
+            return []
         state = self._state
         cpu = state.cpu
         previous = cpu.vm_register
         state.schedule(self._kernel, self._vm)
         try:
-            spans = []
-            at = gpa
-            while at < gpa + n:
-                take = min(PAGE_SIZE - at % PAGE_SIZE, gpa + n - at)
-                spans.append((cpu.translate(at, access), take))
-                at += take
+            if len(pages) <= _SCALAR_PAGES:
+                runs: list[tuple[int, int, int]] = []
+                for i, page in enumerate(pages):
+                    hpa = cpu.translate(page, access)
+                    if runs and runs[-1][2] + runs[-1][1] * PAGE_SIZE == hpa:
+                        runs[-1] = (runs[-1][0], runs[-1][1] + 1, runs[-1][2])
+                    else:
+                        runs.append((i, 1, hpa))
+                return runs
+            vaddrs = np.asarray(pages, dtype=np.uint64)
+            hpas = np.empty_like(vaddrs)
+            codes = cpu.translate_batch(vaddrs, access, hpas)
+            if codes.count(0) != len(codes):
+                bad = len(codes) - len(codes.lstrip(b"\x00"))
+                cpu.translate(int(vaddrs[bad]), access)  # raises the typed fault
+                raise TranslationFault(FAULT_KINDS[codes[bad]], 1, 0, int(vaddrs[bad]))
         finally:
             cpu.write_vm_register(previous)
+        starts = [0, *(np.flatnonzero(np.diff(hpas) != PAGE_SIZE) + 1).tolist()]
+        ends = [*starts[1:], len(hpas)]
+        return [(a, b - a, int(hpas[a])) for a, b in zip(starts, ends, strict=True)]
+
+    def _spans(self, gpa: int, n: int, access: Access) -> list[tuple[int, int]]:
+        """``(host address, length)`` of each host-contiguous piece of ``[gpa, gpa + n)``."""
+        if not isinstance(gpa, int) or not isinstance(n, int) or gpa < 0 or n < 0:
+            raise InvalidArgument("gpa, n", (gpa, n), "non-negative integers")
+        if gpa + n > self.size:
+            raise InvalidArgument("gpa + n", gpa + n, f"at most {self.size} (the VM's memory size)")
+        if n == 0:
+            self._memory()
+            return []
+        first = gpa - gpa % PAGE_SIZE
+        if gpa + n - first <= PAGE_SIZE:  # inside one page: one scalar translation
+            return [(self._host_runs((first,), access)[0][2] + gpa - first, n)]
+        pages = range(first, gpa + n, PAGE_SIZE)
+        spans = []
+        for index, count, hpa in self._host_runs(pages, access):
+            lo = max(gpa, pages[index])
+            hi = min(gpa + n, pages[index] + count * PAGE_SIZE)
+            spans.append((hpa + lo - pages[index], hi - lo))
         return spans
+
+    # -- bytes -------------------------------------------------------------------
 
     def read(self, gpa: int, n: int) -> bytes:
         """``n`` bytes at guest-physical ``gpa``."""
         cpu = self._state.cpu
-        return b"".join(cpu.read_phys(hpa, take) for hpa, take in self._spans(gpa, n, Access.READ))
+        return b"".join([cpu.read_phys(hpa, take) for hpa, take in self._spans(gpa, n, Access.READ)])
 
     def write(self, gpa: int, data: bytes) -> None:
         """Writes ``data`` at guest-physical ``gpa``."""
         view = memoryview(bytes(data))
+        spans = self._spans(gpa, len(view), Access.WRITE)
         done = 0
-        for hpa, take in self._spans(gpa, len(view), Access.WRITE):
+        for hpa, take in spans:
             self._state.cpu.write_phys(hpa, view[done : done + take])
             done += take
+        if spans:
+            self._note_bytes(gpa, view)
 
     def translate(self, gpa: int) -> int:
         """The host-physical address behind guest-physical ``gpa``."""
         return self._spans(gpa, 1, Access.READ)[0][0]
+
+    # -- pages (the PageStore protocol) --------------------------------------------
+
+    def _check_pages(self, gpas: Sequence[int]) -> list[int]:
+        out = []
+        for i, gpa in enumerate(gpas):
+            if isinstance(gpa, bool) or not isinstance(gpa, int | np.integer):
+                raise InvalidArgument(f"gpas[{i}]", gpa, "an int guest-physical page address")
+            gpa = int(gpa)
+            if gpa % PAGE_SIZE:
+                raise InvalidArgument(
+                    f"gpas[{i}]",
+                    gpa,
+                    f"a {PAGE_SIZE}-byte aligned guest-physical address ({gpa:#x} is "
+                    f"{gpa % PAGE_SIZE:#x} bytes into its page)",
+                )
+            if not 0 <= gpa <= self.size - PAGE_SIZE:
+                raise InvalidArgument(
+                    f"gpas[{i}]",
+                    gpa,
+                    f"a page of vm {self._vm.name}'s {self.size >> 20} MiB of guest memory "
+                    f"(an address in [0, {self.size:#x}); {gpa:#x} is outside it)",
+                )
+            out.append(gpa)
+        return out
+
+    def read_pages(self, gpas: Sequence[int]) -> bytes:
+        """The stored bytes of each page, concatenated (zeros for a page never written)."""
+        pages = self._check_pages(gpas)
+        if not pages:
+            self._memory()
+            return b""
+        cpu = self._state.cpu
+        return b"".join(
+            [cpu.read_phys(hpa, count * PAGE_SIZE) for _, count, hpa in self._host_runs(pages, Access.READ)]
+        )
+
+    def write_pages(self, gpas: Sequence[int], data: bytes | bytearray | memoryview) -> None:
+        """Stores ``len(gpas)`` pages from ``data`` (``len(gpas) * 4096`` bytes)."""
+        pages = self._check_pages(gpas)
+        try:
+            view = memoryview(data).cast("B")
+        except TypeError:
+            raise InvalidArgument("data", type(data).__name__, "a C-contiguous bytes-like object") from None
+        if view.nbytes != len(pages) * PAGE_SIZE:
+            raise InvalidArgument(
+                "data length",
+                view.nbytes,
+                f"{len(pages)} pages of {PAGE_SIZE} bytes = {len(pages) * PAGE_SIZE}",
+            )
+        if not pages:
+            self._memory()
+            return
+        cpu = self._state.cpu
+        for index, count, hpa in self._host_runs(pages, Access.WRITE):
+            cpu.write_phys(hpa, view[index * PAGE_SIZE : (index + count) * PAGE_SIZE])
+        self._note_pages(pages, view)
+
+    def discard_pages(self, gpas: Sequence[int]) -> None:
+        """Forgets pages: they read as zeros again."""
+        pages = self._check_pages(gpas)
+        if not pages:
+            return
+        cpu = self._state.cpu
+        for _, count, hpa in self._host_runs(pages, Access.WRITE):
+            cpu.write_phys(hpa, bytes(count * PAGE_SIZE))
+        self._memory().written.difference_update(pages)
+
+    def pages(self) -> list[int]:
+        """The pages that hold data: written since the memory was mapped and not
+        discarded, except pages whose last whole-page write was all zeros."""
+        return sorted(self._memory().written)
+
+    def _note_pages(self, pages: Sequence[int], view: memoryview) -> None:
+        rows = np.frombuffer(view, dtype=np.uint8).reshape(len(pages), PAGE_SIZE)
+        nonzero: list[bool] = np.asarray(rows.any(axis=1)).tolist()
+        written = self._state.vms[self._vm.id].written  # mapped: the write just went through
+        for page, keep in zip(pages, nonzero, strict=True):  # in order: a repeated page's last write wins
+            if keep:
+                written.add(page)
+            else:
+                written.discard(page)
+
+    def _note_bytes(self, gpa: int, view: memoryview) -> None:
+        """Tracks a byte write: whole pages by their contents, a partial page when data went into it."""
+        end = gpa + view.nbytes
+        if view.nbytes < PAGE_SIZE and (end - 1) // PAGE_SIZE == gpa // PAGE_SIZE:  # the common small write
+            if view.tobytes().count(0) != view.nbytes:
+                self._state.vms[self._vm.id].written.add(gpa - gpa % PAGE_SIZE)
+            return
+        first_whole = gpa + -gpa % PAGE_SIZE
+        last_whole = end - end % PAGE_SIZE
+        if last_whole > first_whole:
+            self._note_pages(
+                range(first_whole, last_whole, PAGE_SIZE), view[first_whole - gpa : last_whole - gpa]
+            )
+        written = self._state.vms[self._vm.id].written
+        # Each piece lies inside one page: before the first whole page, after the last one.
+        for lo, hi in ((gpa, min(first_whole, end)), (max(last_whole, gpa), end)):
+            if hi > lo and view[lo - gpa : hi - gpa].tobytes().count(0) != hi - lo:
+                written.add(lo - lo % PAGE_SIZE)
 
 
 PROCESSOR: StashKey[ProcessorState] = StashKey("processor")
@@ -222,7 +392,10 @@ def vmk_configure(kernel: Kernel) -> None:
     kernel.stash[PROCESSOR] = ProcessorState(cpu, list(range(CHUNK, mib << 20, CHUNK)))
 
 
-@hookimpl
+# First: a VM's memory exists before any other plugin's launch loads pages into it (a
+# confidential launch encrypts its image there), and an allocation made by this launch is
+# released by the rollback of a launch another plugin vetoes.
+@hookimpl(tryfirst=True)
 def vmk_vm_launch(kernel: Kernel, vm: VM) -> None:
     state = state_of(kernel)
     if vm.id not in state.vms:
@@ -230,7 +403,9 @@ def vmk_vm_launch(kernel: Kernel, vm: VM) -> None:
     state.ensure(kernel, vm)
 
 
-@hookimpl
+# Last: the frames are zeroed only once every plugin that might veto the destroy has
+# run, so a vetoed destroy leaves the VM its memory (a confidential VM its ciphertext).
+@hookimpl(trylast=True)
 def vmk_vm_destroy(kernel: Kernel, vm: VM) -> None:
     state_of(kernel).release(kernel, vm.id)
 

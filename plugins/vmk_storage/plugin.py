@@ -170,10 +170,9 @@ def vmk_vm_save(kernel: Kernel, vm: VM, unit: StorageUnit) -> None:
     memory = _guest_memory(kernel, vm)
     if memory is not None:  # without a processor plugin the config and the disks are the state
         size = vm.memory_mib << 20
-        for gpa in range(0, size, MEMORY_CHUNK):
-            unit.write("memory", gpa, bytes(memory.read(gpa, min(MEMORY_CHUNK, size - gpa))))
+        written = _save_memory(unit, memory, size)
         unit.put_object("memory.json", f'{{"bytes": {size}}}'.encode())
-        kernel.emit("storage.memory_saved", f"vm:{vm.id}", bytes=size)
+        kernel.emit("storage.memory_saved", f"vm:{vm.id}", bytes=size, written=written)
     content = _content(unit)
     unit.put_object(MANIFEST, orjson.dumps({"vm": vm.id, "content": content}, option=orjson.OPT_SORT_KEYS))
     if SAVED_SNAPSHOT in unit.snapshots():
@@ -215,6 +214,36 @@ def _verify_saved(kernel: Kernel, vm: VM, unit: StorageUnit) -> None:
     unit.revert(SAVED_SNAPSHOT)
     state(kernel).reverted[vm.id] = keep
     kernel.emit("storage.reverted_to_save", f"vm:{vm.id}", changed=changed, kept_as=keep)
+
+
+def _save_memory(unit: StorageUnit, memory: Any, size: int) -> int:
+    """Write the guest memory image into the ``memory`` volume; returns the bytes written.
+
+    When the memory object lists the pages that hold data (``pages()``, as the
+    processor's does), only those are written and the rest of the volume is
+    discarded: a mostly idle 1 GiB guest saves in proportion to what it uses.
+    The last page is always written so the volume's size is the memory size.
+    """
+    listed = getattr(memory, "pages", None)
+    if not callable(listed):
+        for gpa in range(0, size, MEMORY_CHUNK):
+            unit.write("memory", gpa, bytes(memory.read(gpa, min(MEMORY_CHUNK, size - gpa))))
+        return size
+    page = 4096
+    pages = sorted({p for p in listed() if 0 <= p < size} | {size - page})
+    unit.discard("memory", 0, max(size, unit.volumes().get("memory", {}).get("size", 0)))
+    written = 0
+    i = 0
+    while i < len(pages):  # runs of consecutive pages, at most MEMORY_CHUNK each
+        start = pages[i]
+        j = i + 1
+        while j < len(pages) and pages[j] == start + (j - i) * page and (j - i) * page < MEMORY_CHUNK:
+            j += 1
+        n = (j - i) * page
+        unit.write("memory", start, bytes(memory.read(start, n)))
+        written += n
+        i = j
+    return written
 
 
 def _restore_memory(kernel: Kernel, vm: VM, unit: StorageUnit) -> bool:

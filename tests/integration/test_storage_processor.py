@@ -45,3 +45,22 @@ def test_restoring_a_live_vm_is_refused(tmp_path):
         with pytest.raises(vmkernel.errors.DuplicateResource):
             k.restore_vm(vm.id)
         assert [v.id for v in k.vms()] == [vm.id]
+
+
+def test_only_pages_that_hold_data_are_saved_and_a_second_save_is_exact(tmp_path):
+    with vmkernel.Kernel(seed=5, data_dir=tmp_path, plugins=PLUGINS, autoload=False) as k:
+        vm = k.create_vm("sparse", memory_mib=64)
+        k.launch_vm(vm)
+        memory = k.guest_memory(vm)
+        memory.write(5 << 20, b"first save")
+        memory.write(9 << 20, b"will be zeroed")
+        k.save_vm(vm)
+        saved = [e.data for e in k.journal.events if e.kind == "storage.memory_saved"][-1]
+        assert saved == {"bytes": 64 << 20, "written": 3 * 4096}  # two pages and the last one
+        memory.write(9 << 20, bytes(4096))  # a whole zero page no longer holds data
+        memory.write(7 << 20, b"second save")
+        k.save_vm(vm)
+        unit = k.storage_unit(vm)
+        image = unit.read("memory", 0, 64 << 20)
+        assert image == memory.read(0, 64 << 20)  # the volume is the memory, byte for byte
+        assert unit.volumes()["memory"]["size"] == 64 << 20

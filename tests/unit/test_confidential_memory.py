@@ -14,6 +14,7 @@ from vmk_confidential.memory import (
     DictPageStore,
     EncryptionMode,
     MemoryEncryptionEngine,
+    SplitPageStore,
     xts_pages,
 )
 
@@ -142,3 +143,28 @@ def test_scrub_forgets_the_key() -> None:
     engine.guest_write(0, b"secret!")
     engine.scrub()
     assert b"secret!" not in engine.guest_read_pages([0])
+
+
+def test_split_store_routes_by_address_and_keeps_batch_order() -> None:
+    low, high = DictPageStore(), DictPageStore()
+    store = SplitPageStore(low, high, 1 << 40)
+    gpas = [(1 << 40) + PAGE_SIZE, 0x2000, 1 << 40, 0x1000]
+    data = os.urandom(len(gpas) * PAGE_SIZE)
+    store.write_pages(gpas, data)
+    assert sorted(low.pages()) == [0x1000, 0x2000]
+    assert sorted(high.pages()) == [1 << 40, (1 << 40) + PAGE_SIZE]
+    assert store.read_pages(gpas) == data
+    assert store.read_pages(gpas[::-1]) == b"".join(
+        data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] for i in (3, 2, 1, 0)
+    )
+    assert low.read_pages([0x2000]) == data[PAGE_SIZE : 2 * PAGE_SIZE]
+    store.discard_pages([0x2000, 1 << 40])
+    assert sorted(store.pages()) == [0x1000, (1 << 40) + PAGE_SIZE]
+    assert store.read_pages([0x2000, 1 << 40]) == bytes(2 * PAGE_SIZE)
+    engine = MemoryEncryptionEngine(store, KEY, EncryptionMode.SEV)
+    engine.mark_private([0x3000, (1 << 40) + 0x5000])
+    engine.guest_write_pages([0x3000, (1 << 40) + 0x5000], b"p" * 2 * PAGE_SIZE)
+    assert engine.guest_read_pages([0x3000, (1 << 40) + 0x5000]) == b"p" * 2 * PAGE_SIZE
+    assert low.read_pages([0x3000]) == xts_pages(KEY, [0x3000], b"p" * PAGE_SIZE, decrypt=False)
+    with pytest.raises(InvalidArgument, match="boundary"):
+        SplitPageStore(low, high, 100)
