@@ -52,6 +52,7 @@ def _op(draw: Any, world: World) -> tuple[Any, ...]:
                 "inv_gpa",
                 "owner",
                 "grant",
+                "revoke",
                 "isolation",
                 "read_reg",
                 "perm",
@@ -77,7 +78,7 @@ def _op(draw: Any, world: World) -> tuple[Any, ...]:
         return (kind, vm, _address(draw, world))
     if kind == "inv_gpa":
         return (kind, vm, draw(st.integers(0, 1 << 24)), draw(st.integers(0, 1 << 22)))
-    if kind in ("owner", "grant"):
+    if kind in ("owner", "grant", "revoke"):
         return (kind, vm, draw(st.integers(0, 64)) * 4096, draw(st.integers(0, 64)) * 4096)
     if kind == "isolation":
         return (kind, vm)
@@ -123,6 +124,8 @@ def _apply(cpu: Any, op: tuple[Any, ...]) -> tuple[Any, ...]:
         return outcome(cpu.set_frame_owner, op[2], op[3], op[1])
     if kind == "grant":
         return outcome(cpu.grant_frames, op[1], op[2], op[3])
+    if kind == "revoke":
+        return outcome(cpu.revoke_frames, op[1], op[2], op[3])
     if kind == "isolation":
         return outcome(cpu.isolation_violation, op[1])
     if kind == "read_reg":

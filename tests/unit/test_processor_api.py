@@ -192,6 +192,28 @@ def test_invalidation_scopes(impl: ModuleType) -> None:
 
 
 @IMPLS
+def test_ownership_changes_drop_only_the_entries_they_must(impl: ModuleType) -> None:
+    cpu, s1, _ = guest_cpu(impl, isolation=True)
+    s1.map(0x5000, 0x30_0000)  # gpa 3 MiB -> hpa 7 MiB
+    cpu.set_frame_owner(4 * MiB, 4 * MiB, 1)  # VM 1 owns its memory, tables included
+    cpu.write_vm_register(1)
+    assert cpu.translate(0x5000, Access.READ) == 0x70_0000
+    cpu.reset_stats()
+    cpu.set_frame_owner(0x1000, 0x1000, 2)  # frames VM 1 never used, from the host to VM 2
+    assert cpu.translate(0x5000, Access.READ) == 0x70_0000
+    assert cpu.stats()["tlb_hits"] == 1  # VM 1's entry stayed cached
+    cpu.grant_frames(2, 7 * MiB, 0x1000)  # widening VM 2's access drops nothing either
+    assert cpu.translate(0x5000, Access.READ) == 0x70_0000 and cpu.stats()["tlb_hits"] == 2
+    cpu.set_frame_owner(7 * MiB, 0x1000, 2)  # VM 1 loses the frame its entry points at
+    res = outcome(cpu.translate, 0x5000, Access.READ)
+    assert res[2]["kind"] == "isolation"  # dropped, walked again, refused
+    cpu.grant_frames(1, 7 * MiB, 0x1000)
+    assert cpu.translate(0x5000, Access.READ) == 0x70_0000
+    cpu.revoke_frames(1, 7 * MiB, 0x1000)
+    assert outcome(cpu.translate, 0x5000, Access.READ)[2]["kind"] == "isolation"
+
+
+@IMPLS
 def test_batch_buffers(impl: ModuleType) -> None:
     cpu, tables = host_cpu(impl)
     tables.map(0x5000, 0x9000)

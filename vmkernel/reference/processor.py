@@ -409,13 +409,21 @@ class Processor:
     # -- frame ownership ----------------------------------------------------
 
     def set_frame_owner(self, addr: int, length: int, vm: int) -> None:
-        """Gives the frames in ``[addr, addr + length)`` to ``vm`` (0 = host); flushes the TLB."""
+        """Gives the frames in ``[addr, addr + length)`` to ``vm`` (0 = host).
+
+        With isolation on, the entries of the frames' previous owners are
+        dropped (they may have reached these frames); the new owner had none
+        through them, since faults are never cached.  Without isolation,
+        ownership does not affect translation and nothing is dropped.
+        """
         frames = self._frames(addr, length)
         v = self._vm(vm)
         self._require("stage2_root", True)
+        previous = {self._owner[f] for f in frames} - {v}
         for f in frames:
             self._owner[f] = v
-        self.invalidate_all()
+        if self._isolation:
+            self._drop_vms(previous)
 
     def frame_owner(self, addr: int) -> int:
         """The owner of the frame holding physical address ``addr``."""
@@ -425,20 +433,25 @@ class Processor:
         return self._owner[a // PAGE_SIZE]
 
     def grant_frames(self, vm: int, addr: int, length: int) -> None:
-        """Lets guest ``vm`` reach frames it does not own."""
+        """Lets guest ``vm`` reach frames it does not own (nothing is dropped: access only widens)."""
         v = self._vm(vm, guest=True)
         frames = self._frames(addr, length)
         self._require("stage2_root", True)
         self._grants.update((v, f) for f in frames)
-        self.invalidate_all()
 
     def revoke_frames(self, vm: int, addr: int, length: int) -> None:
-        """Withdraws grants made by ``grant_frames``; flushes the TLB."""
+        """Withdraws grants made by ``grant_frames``; with isolation on, drops ``vm``'s entries."""
         v = self._vm(vm, guest=True)
         frames = self._frames(addr, length)
         self._require("stage2_root", True)
         self._grants.difference_update((v, f) for f in frames)
-        self.invalidate_all()
+        if self._isolation:
+            self._drop_vms({v})
+
+    def _drop_vms(self, vms: set[int]) -> None:
+        for slot, entry in enumerate(self._tlb):
+            if entry is not None and entry.vm in vms:
+                self._tlb[slot] = None
 
     def _accessible(self, vm: int, frame: int) -> bool:
         return self._owner[frame] == vm or (vm, frame) in self._grants

@@ -394,7 +394,8 @@ impl PyProcessor {
         self.cpu().enter_domain(u64::from(d), a).map_err(mmu_err)
     }
 
-    /// Gives the frames in ``[addr, addr + length)`` to ``vm`` (0 = host); flushes the TLB.
+    /// Gives the frames in ``[addr, addr + length)`` to ``vm`` (0 = host); under isolation the
+    /// previous owners' TLB entries are dropped.
     fn set_frame_owner(
         &self,
         addr: &Bound<'_, PyAny>,
@@ -413,7 +414,7 @@ impl PyProcessor {
         self.cpu().frame_owner(a).map_err(mmu_err)
     }
 
-    /// Lets guest ``vm`` reach frames it does not own.
+    /// Lets guest ``vm`` reach frames it does not own (nothing is dropped from the TLB).
     fn grant_frames(
         &self,
         vm: &Bound<'_, PyAny>,
@@ -426,7 +427,7 @@ impl PyProcessor {
         self.cpu().grant_frames(v, a, n).map_err(mmu_err)
     }
 
-    /// Withdraws grants made by ``grant_frames``; flushes the TLB.
+    /// Withdraws grants made by ``grant_frames``; under isolation ``vm``'s TLB entries are dropped.
     fn revoke_frames(
         &self,
         vm: &Bound<'_, PyAny>,

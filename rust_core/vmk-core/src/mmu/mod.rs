@@ -642,15 +642,27 @@ impl Processor {
         Ok(())
     }
 
-    /// Gives the frames of `[addr, addr + length)` to `vm`; flushes the TLB.
+    /// Gives the frames of `[addr, addr + length)` to `vm`.
+    ///
+    /// With isolation on, the entries of the frames' previous owners are
+    /// dropped (they may have reached these frames); the new owner had no
+    /// entries through them, since faults are never cached. Without
+    /// isolation, ownership does not affect translation and nothing is dropped.
     pub fn set_frame_owner(&mut self, addr: u64, length: u64, vm: u64) -> Result<(), MmuError> {
         let frames = self.frame_range(addr, length)?;
         let v = self.check_vm(vm, false)?;
         self.require(STAGE2_ROOT, true, None)?;
+        let mut previous: Vec<u16> = Vec::new();
         if let Some(owners) = self.owner.get_mut(frames) {
+            previous.extend(owners.iter().copied().filter(|o| *o != v));
             owners.fill(v);
         }
-        self.tlb.clear();
+        if self.isolation {
+            previous.sort_unstable();
+            previous.dedup();
+            self.tlb
+                .retain_not(|tag, _| previous.binary_search(&tlb::tag_vm(tag)).is_ok());
+        }
         Ok(())
     }
 
@@ -670,17 +682,17 @@ impl Processor {
             .unwrap_or(0))
     }
 
-    /// Lets guest `vm` reach frames it does not own; flushes the TLB.
+    /// Lets guest `vm` reach frames it does not own. Nothing is dropped from
+    /// the TLB: access only widens, and faults are never cached.
     pub fn grant_frames(&mut self, vm: u64, addr: u64, length: u64) -> Result<(), MmuError> {
         let v = self.check_vm(vm, true)?;
         let frames = self.frame_range(addr, length)?;
         self.require(STAGE2_ROOT, true, None)?;
         self.grants.extend(frames.map(|f| (v, f as u64)));
-        self.tlb.clear();
         Ok(())
     }
 
-    /// Withdraws grants; flushes the TLB.
+    /// Withdraws grants; with isolation on, drops `vm`'s entries.
     pub fn revoke_frames(&mut self, vm: u64, addr: u64, length: u64) -> Result<(), MmuError> {
         let v = self.check_vm(vm, true)?;
         let frames = self.frame_range(addr, length)?;
@@ -688,7 +700,9 @@ impl Processor {
         for f in frames {
             self.grants.remove(&(v, f as u64));
         }
-        self.tlb.clear();
+        if self.isolation {
+            self.tlb.retain_not(|tag, _| tlb::tag_vm(tag) == v);
+        }
         Ok(())
     }
 
