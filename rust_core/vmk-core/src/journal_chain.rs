@@ -11,41 +11,8 @@
 
 use sha2::{Digest, Sha256};
 
-/// Why a batch of journal lines was rejected.
-#[derive(Debug, Clone, PartialEq, Eq, displaydoc::Display)]
-pub enum ChainError {
-    /// offsets has {offsets} items but lengths has {lengths}, expected the same number of items
-    LengthMismatch {
-        /// Number of offsets given.
-        offsets: usize,
-        /// Number of lengths given.
-        lengths: usize,
-    },
-    /// item {index}: offset {offset} + length {length} overflows 64 bits, expected an end of at most {buffer_len} (the buffer length)
-    Overflow {
-        /// Index of the offending item.
-        index: usize,
-        /// Its offset.
-        offset: u64,
-        /// Its length.
-        length: u64,
-        /// Length of the buffer in bytes.
-        buffer_len: usize,
-    },
-    /// item {index}: offset {offset} + length {length} ends past the buffer, expected an end of at most {buffer_len} (the buffer length)
-    OutOfBounds {
-        /// Index of the offending item.
-        index: usize,
-        /// Its offset.
-        offset: u64,
-        /// Its length.
-        length: u64,
-        /// Length of the buffer in bytes.
-        buffer_len: usize,
-    },
-}
-
-impl std::error::Error for ChainError {}
+/// Why a batch of journal lines was rejected (the shared batch layout error).
+pub use crate::batch::BatchLayoutError as ChainError;
 
 /// Running state of the journal hash chain: the current head and how many
 /// lines have been folded into it.
@@ -80,36 +47,7 @@ pub fn validate_batch(
     offsets: &[u64],
     lengths: &[u64],
 ) -> Result<(), ChainError> {
-    if offsets.len() != lengths.len() {
-        return Err(ChainError::LengthMismatch {
-            offsets: offsets.len(),
-            lengths: lengths.len(),
-        });
-    }
-    // usize -> u64 is lossless on every supported target.
-    let limit = buffer_len as u64;
-    for (index, (&offset, &length)) in offsets.iter().zip(lengths).enumerate() {
-        match offset.checked_add(length) {
-            None => {
-                return Err(ChainError::Overflow {
-                    index,
-                    offset,
-                    length,
-                    buffer_len,
-                })
-            }
-            Some(end) if end > limit => {
-                return Err(ChainError::OutOfBounds {
-                    index,
-                    offset,
-                    length,
-                    buffer_len,
-                })
-            }
-            Some(_) => {}
-        }
-    }
-    Ok(())
+    crate::batch::check_layout(buffer_len, offsets, lengths).map(|_| ())
 }
 
 impl JournalChain {

@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod batch;
 pub mod blockcrc;
 pub mod journal_chain;
 pub mod mmu;

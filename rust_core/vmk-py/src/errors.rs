@@ -60,3 +60,34 @@ pub(crate) fn batch_out_of_bounds(
         expected,
     )
 }
+
+/// The Python error for a rejected batch layout (every batch API maps its
+/// `vmk_core::batch::BatchLayoutError` here, as the reference raises it).
+pub(crate) fn batch_layout_err(err: vmk_core::batch::BatchLayoutError) -> PyErr {
+    use vmk_core::batch::BatchLayoutError as E;
+    match err {
+        E::LengthMismatch { offsets, lengths } => batch_length_mismatch(offsets, lengths),
+        E::Overflow {
+            index,
+            offset,
+            length,
+            buffer_len,
+        } => batch_out_of_bounds(
+            index,
+            u128::from(offset) + u128::from(length),
+            buffer_len,
+            true,
+        ),
+        E::OutOfBounds {
+            index,
+            offset,
+            length,
+            buffer_len,
+        } => batch_out_of_bounds(
+            index,
+            u128::from(offset) + u128::from(length),
+            buffer_len,
+            false,
+        ),
+    }
+}

@@ -12,44 +12,15 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
-use vmk_core::journal_chain::{ChainError, JournalChain};
+use vmk_core::journal_chain::JournalChain;
 
 use crate::buffers::{bytes_of, export, u64s_of, U64_EXPECTED};
-use crate::errors::{batch_length_mismatch, batch_out_of_bounds, invalid_argument};
+use crate::errors::{batch_layout_err, invalid_argument};
 
 /// Lines at least this long are hashed with the GIL released by `update`.
 const DETACH_THRESHOLD: usize = 4096;
 
 const BYTES_LIKE: &str = "a bytes-like object";
-
-/// Maps a core error to the Python error the reference raises for it.
-fn to_py_err(err: ChainError) -> PyErr {
-    match err {
-        ChainError::LengthMismatch { offsets, lengths } => batch_length_mismatch(offsets, lengths),
-        ChainError::Overflow {
-            index,
-            offset,
-            length,
-            buffer_len,
-        } => batch_out_of_bounds(
-            index,
-            u128::from(offset) + u128::from(length),
-            buffer_len,
-            true,
-        ),
-        ChainError::OutOfBounds {
-            index,
-            offset,
-            length,
-            buffer_len,
-        } => batch_out_of_bounds(
-            index,
-            u128::from(offset) + u128::from(length),
-            buffer_len,
-            false,
-        ),
-    }
-}
 
 /// Tamper-evident hash chain over journal lines:
 /// ``head' = sha256(head || u64-LE len(line) || line)``.
@@ -135,7 +106,7 @@ impl PyJournalChain {
         let lengths = u64s_of(&lengths_export, "lengths")?;
         let head = py
             .detach(|| self.state().update_batch(data, &offsets, &lengths))
-            .map_err(to_py_err)?;
+            .map_err(batch_layout_err)?;
         Ok(PyBytes::new(py, &head))
     }
 

@@ -25,12 +25,12 @@ use vmk_core::prefilter::rules::{
     RuleError as CoreRuleError, MAX_SPI,
 };
 use vmk_core::prefilter::{
-    nsh_encap, parse_rules, BatchError, BatchOut, Prefilter, BYPASS, DEFAULT_FLOW_CAPACITY, DROP,
-    NO_RULE, REDIRECT,
+    nsh_encap, parse_rules, BatchOut, Prefilter, BYPASS, DEFAULT_FLOW_CAPACITY, DROP, NO_RULE,
+    REDIRECT,
 };
 
 use crate::buffers::{bytes_of, export};
-use crate::errors::{batch_length_mismatch, batch_out_of_bounds, buffer_layout, invalid_argument};
+use crate::errors::{batch_layout_err, buffer_layout, invalid_argument};
 
 pyo3::import_exception!(vmkernel.errors, RuleError);
 pyo3::import_exception!(vmkernel.errors, CaptureError);
@@ -60,23 +60,6 @@ fn rule_err(err: CoreRuleError) -> PyErr {
 
 fn capture_err(path: &str, err: CoreCaptureError) -> PyErr {
     CaptureError::new_err((path.to_string(), err.offset, err.problem, err.expected))
-}
-
-fn batch_err(err: BatchError) -> PyErr {
-    match err {
-        BatchError::LengthMismatch { offsets, lengths } => batch_length_mismatch(offsets, lengths),
-        BatchError::OutOfBounds {
-            index,
-            offset,
-            length,
-            buffer_len,
-        } => batch_out_of_bounds(
-            index,
-            u128::from(offset) + u128::from(length),
-            buffer_len,
-            false,
-        ),
-    }
 }
 
 /// Whether a struct-module format denotes a native unsigned 32-bit integer
@@ -497,7 +480,7 @@ impl PyPrefilter {
         let lens = u32s_of(&lengths_export, "lengths")?;
         let out = py
             .detach(|| self.state().classify_batch(data, &offs, &lens, dir))
-            .map_err(batch_err)?;
+            .map_err(batch_layout_err)?;
         Ok(arrays(py, out))
     }
 
@@ -520,7 +503,7 @@ impl PyPrefilter {
                 self.state()
                     .classify_batch(&frames.data, &frames.offsets, &frames.lengths, dir)
             })
-            .map_err(batch_err)?;
+            .map_err(batch_layout_err)?;
         Ok(arrays(py, out))
     }
 
@@ -654,7 +637,7 @@ impl PyPrefilter {
         let lens = u32s_of(&lengths_export, "lengths")?;
         let out = py
             .detach(|| self.state().inspect_batch(data, &offs, &lens))
-            .map_err(batch_err)?;
+            .map_err(batch_layout_err)?;
         Ok(PyArray1::from_vec(py, out))
     }
 

@@ -62,50 +62,15 @@ impl Decision {
     }
 }
 
-/// Why a batch was rejected before anything was classified.
-#[derive(Debug, Clone, PartialEq, Eq, displaydoc::Display)]
-pub enum BatchError {
-    /// offsets has {offsets} items but lengths has {lengths}
-    LengthMismatch {
-        /// Number of offsets.
-        offsets: usize,
-        /// Number of lengths.
-        lengths: usize,
-    },
-    /// item {index}: offset {offset} + length {length} ends past the buffer of {buffer_len} bytes
-    OutOfBounds {
-        /// Offending item.
-        index: usize,
-        /// Its offset.
-        offset: u32,
-        /// Its length.
-        length: u32,
-        /// Buffer length.
-        buffer_len: usize,
-    },
-}
-
-impl std::error::Error for BatchError {}
+pub use crate::batch::BatchLayoutError;
 
 /// Validates a batch layout; returns the number of items.
-pub fn check_batch(data_len: usize, offsets: &[u32], lengths: &[u32]) -> Result<usize, BatchError> {
-    if offsets.len() != lengths.len() {
-        return Err(BatchError::LengthMismatch {
-            offsets: offsets.len(),
-            lengths: lengths.len(),
-        });
-    }
-    for (index, (&offset, &length)) in offsets.iter().zip(lengths).enumerate() {
-        if u64::from(offset) + u64::from(length) > data_len as u64 {
-            return Err(BatchError::OutOfBounds {
-                index,
-                offset,
-                length,
-                buffer_len: data_len,
-            });
-        }
-    }
-    Ok(offsets.len())
+pub fn check_batch(
+    data_len: usize,
+    offsets: &[u32],
+    lengths: &[u32],
+) -> Result<usize, BatchLayoutError> {
+    crate::batch::check_layout(data_len, offsets, lengths)
 }
 
 /// Output arrays of a batch, one item per frame.
@@ -255,7 +220,7 @@ impl Prefilter {
         offsets: &[u32],
         lengths: &[u32],
         dir: u8,
-    ) -> Result<BatchOut, BatchError> {
+    ) -> Result<BatchOut, BatchLayoutError> {
         let n = check_batch(data.len(), offsets, lengths)?;
         let mut out = BatchOut {
             verdicts: Vec::with_capacity(n),
@@ -307,7 +272,7 @@ impl Prefilter {
         data: &[u8],
         offsets: &[u32],
         lengths: &[u32],
-    ) -> Result<Vec<u8>, BatchError> {
+    ) -> Result<Vec<u8>, BatchLayoutError> {
         check_batch(data.len(), offsets, lengths)?;
         let mut out = Vec::with_capacity(offsets.len());
         for (&o, &l) in offsets.iter().zip(lengths) {
