@@ -8,228 +8,142 @@ after a digest of the image path, so that another process with the same
 runtime directory finds a running server instead of starting a second one
 (qemu would refuse: it locks the image).
 
-The client speaks the NBD protocol as specified upstream (fixed newstyle
-handshake, ``NBD_OPT_GO`` with export and block-size information, simple
-replies; ``READ``, ``WRITE``, ``FLUSH``, ``WRITE_ZEROES``, ``DISC``).  No
-maintained NBD client exists on PyPI; libnbd's Python binding ships only
-for the system interpreter, so this client is small, pure Python and
-tested against the real server; it moves data with ``sendmsg``/
-``recv_into`` without copying payloads.  Server error numbers arrive as
-``OSError`` with the same errno (NBD uses the Linux values).
+The NBD client is not here: it is ``NbdClient`` of the implementation that
+``vmkernel.implementation()`` selects when a connection is opened, the Rust
+one (``vmkernel._core``) by default and the pure-Python reference
+(``vmkernel.reference.nbd``) under ``VMKERNEL_IMPL=reference``.  Both speak
+the fixed newstyle handshake with ``NBD_OPT_GO`` and ``READ``, ``WRITE``,
+``FLUSH``, ``WRITE_ZEROES``, ``DISC`` with simple replies; no maintained
+NBD client exists on PyPI, and libnbd's Python binding ships only for the
+system interpreter.  Server error numbers arrive as ``OSError`` with the
+same errno (NBD uses the Linux values); a broken protocol is
+:class:`~vmkernel.errors.NbdProtocolError` (``EPROTO``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import os
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
 from vmk_storage.device import Buffer
+from vmkernel import implementation
+from vmkernel.errors import NbdProtocolError
+from vmkernel.reference.nbd import (
+    CMD_DISC,
+    CMD_FLUSH,
+    CMD_READ,
+    CMD_WRITE,
+    CMD_WRITE_ZEROES,
+    DEFAULT_EXPORT,
+    FLAG_FIXED_NEWSTYLE,
+    FLAG_NO_ZEROES,
+    IHAVEOPT,
+    INFO_BLOCK_SIZE,
+    INFO_EXPORT,
+    NBDMAGIC,
+    OPT_GO,
+    REP_ACK,
+    REP_ERR_BIT,
+    REP_INFO,
+    REPLY_MAGIC,
+    REQUEST_MAGIC,
+    SIMPLE_REPLY_MAGIC,
+    TF_HAS_FLAGS,
+    TF_READ_ONLY,
+    TF_SEND_FLUSH,
+    TF_SEND_WRITE_ZEROES,
+)
 
-NBDMAGIC = 0x4E42444D41474943
-IHAVEOPT = 0x49484156454F5054
-REPLY_MAGIC = 0x0003E889045565A9
-REQUEST_MAGIC = 0x25609513
-SIMPLE_REPLY_MAGIC = 0x67446698
+# The protocol constants and NbdProtocolError are re-exported for existing imports.
+__all__ = [
+    "CMD_DISC",
+    "CMD_FLUSH",
+    "CMD_READ",
+    "CMD_WRITE",
+    "CMD_WRITE_ZEROES",
+    "DEFAULT_EXPORT",
+    "FLAG_FIXED_NEWSTYLE",
+    "FLAG_NO_ZEROES",
+    "IHAVEOPT",
+    "INFO_BLOCK_SIZE",
+    "INFO_EXPORT",
+    "NBDMAGIC",
+    "OPT_GO",
+    "REPLY_MAGIC",
+    "REP_ACK",
+    "REP_ERR_BIT",
+    "REP_INFO",
+    "REQUEST_MAGIC",
+    "SIMPLE_REPLY_MAGIC",
+    "TF_HAS_FLAGS",
+    "TF_READ_ONLY",
+    "TF_SEND_FLUSH",
+    "TF_SEND_WRITE_ZEROES",
+    "NbdBackend",
+    "NbdClient",
+    "NbdConnection",
+    "NbdDevice",
+    "NbdProtocolError",
+    "NbdServer",
+    "qemu_nbd_path",
+]
 
-FLAG_FIXED_NEWSTYLE = 1
-FLAG_NO_ZEROES = 2
-OPT_GO = 7
-OPT_ABORT = 2
-REP_ACK = 1
-REP_INFO = 3
-REP_ERR_BIT = 1 << 31
-INFO_EXPORT = 0
-INFO_BLOCK_SIZE = 3
 
-TF_HAS_FLAGS = 1
-TF_READ_ONLY = 2
-TF_SEND_FLUSH = 4
-TF_SEND_WRITE_ZEROES = 64
+class NbdConnection(Protocol):
+    """What the backend needs of an NBD client (both implementations' ``NbdClient``)."""
 
-CMD_READ = 0
-CMD_WRITE = 1
-CMD_DISC = 2
-CMD_FLUSH = 3
-CMD_WRITE_ZEROES = 6
+    @property
+    def socket_path(self) -> str: ...
 
-_REQ = struct.Struct(">IHHQQI")
-_SIMPLE_REPLY = struct.Struct(">IIQ")
-_OPT_REPLY = struct.Struct(">QIII")
+    @property
+    def export(self) -> str: ...
 
-DEFAULT_EXPORT = "unit"
-_MAX_OPTION_PAYLOAD = 64 << 10
-_MAX_OPTION_REPLIES = 64
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def transmission_flags(self) -> int: ...
+
+    @property
+    def max_payload(self) -> int: ...
+
+    @max_payload.setter
+    def max_payload(self, value: int) -> None: ...
+
+    def readinto(self, buf: Buffer, offset: int) -> None: ...
+
+    def read(self, length: int, offset: int) -> bytes: ...
+
+    def write(self, parts: Sequence[Buffer], offset: int) -> None: ...
+
+    def write_zeroes(self, offset: int, length: int) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def close(self) -> None: ...
 
 
-class NbdProtocolError(OSError):
-    """The server answered outside the protocol (an ``OSError`` with ``EPROTO``)."""
-
-    def __init__(self, detail: str) -> None:
-        super().__init__(errno.EPROTO, f"NBD protocol error: {detail}")
+def NbdClient(
+    socket_path: str | os.PathLike[str], export: str = DEFAULT_EXPORT, *, timeout: float = 60.0
+) -> NbdConnection:
+    """Connects to an NBD export with the client of ``vmkernel.implementation()``."""
+    client: NbdConnection = implementation().NbdClient(socket_path, export, timeout=timeout)
+    return client
 
 
 def qemu_nbd_path() -> str | None:
     """The qemu-nbd executable, or ``None`` when qemu-utils is not installed."""
     return shutil.which("qemu-nbd")
-
-
-class NbdClient:
-    """One connection to an NBD export over a unix socket."""
-
-    def __init__(self, socket_path: str, export: str = DEFAULT_EXPORT, *, timeout: float = 60.0) -> None:
-        self.socket_path = socket_path
-        self.export = export
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.settimeout(timeout)
-        self._handle = 0
-        self.size = 0
-        self.transmission_flags = 0
-        self.max_payload = 32 << 20
-        try:
-            self._sock.connect(socket_path)
-            self._handshake()
-        except BaseException:
-            self._sock.close()
-            raise
-
-    # ------------------------------------------------------------ handshake
-    def _recv_exact(self, n: int) -> bytes:
-        buf = bytearray(n)
-        self._recv_into(memoryview(buf))
-        return bytes(buf)
-
-    def _recv_into(self, view: memoryview) -> None:
-        got = 0
-        while got < len(view):
-            n = self._sock.recv_into(view[got:])
-            if n == 0:
-                raise OSError(errno.ESHUTDOWN, f"NBD server at {self.socket_path} closed the connection")
-            got += n
-
-    def _send(self, parts: Sequence[Buffer]) -> None:
-        views = [memoryview(p).cast("B") for p in parts if len(p)]
-        while views:
-            sent = self._sock.sendmsg(views)
-            while sent:
-                if sent >= len(views[0]):
-                    sent -= len(views[0])
-                    views.pop(0)
-                else:
-                    views[0] = views[0][sent:]
-                    sent = 0
-
-    def _handshake(self) -> None:
-        magic, opt_magic, flags = struct.unpack(">QQH", self._recv_exact(18))
-        if magic != NBDMAGIC or opt_magic != IHAVEOPT:
-            raise NbdProtocolError(f"greeting {magic:#x}/{opt_magic:#x}, expected fixed newstyle")
-        if not flags & FLAG_FIXED_NEWSTYLE:
-            raise NbdProtocolError(f"handshake flags {flags:#x} lack FIXED_NEWSTYLE")
-        client_flags = FLAG_FIXED_NEWSTYLE | (flags & FLAG_NO_ZEROES)
-        name = self.export.encode()
-        data = struct.pack(">I", len(name)) + name + struct.pack(">HH", 1, INFO_BLOCK_SIZE)
-        self._send([struct.pack(">I", client_flags), struct.pack(">QII", IHAVEOPT, OPT_GO, len(data)), data])
-        for _ in range(_MAX_OPTION_REPLIES):
-            magic, option, rtype, length = _OPT_REPLY.unpack(self._recv_exact(_OPT_REPLY.size))
-            if magic != REPLY_MAGIC or option != OPT_GO:
-                raise NbdProtocolError(f"option reply {magic:#x} for option {option}")
-            if length > _MAX_OPTION_PAYLOAD:  # the protocol caps strings at 4 KiB; never allocate more
-                raise NbdProtocolError(f"option reply of {length} bytes (at most {_MAX_OPTION_PAYLOAD})")
-            payload = self._recv_exact(length) if length else b""
-            if rtype & REP_ERR_BIT:
-                message = payload.decode(errors="replace")
-                raise OSError(errno.ENOENT, f"NBD export {self.export!r} refused ({rtype:#x}): {message}")
-            if rtype == REP_ACK:
-                break
-            if rtype == REP_INFO and len(payload) >= 2:
-                (info,) = struct.unpack_from(">H", payload)
-                if info == INFO_EXPORT:
-                    if len(payload) != 12:
-                        raise NbdProtocolError(f"NBD_INFO_EXPORT of {len(payload)} bytes, expected 12")
-                    self.size, self.transmission_flags = struct.unpack_from(">QH", payload, 2)
-                elif info == INFO_BLOCK_SIZE:
-                    if len(payload) != 14:
-                        raise NbdProtocolError(f"NBD_INFO_BLOCK_SIZE of {len(payload)} bytes, expected 14")
-                    _minimum, _preferred, maximum = struct.unpack_from(">III", payload, 2)
-                    self.max_payload = max(4096, min(maximum, 32 << 20))
-        else:
-            raise NbdProtocolError(f"no NBD_REP_ACK after {_MAX_OPTION_REPLIES} option replies")
-        if not self.transmission_flags & TF_HAS_FLAGS:
-            raise NbdProtocolError("export information missing")
-
-    # ---------------------------------------------------------- transmission
-    def _command(
-        self, cmd: int, offset: int, length: int, payload: Sequence[Buffer] = (), flags: int = 0
-    ) -> None:
-        self._handle += 1
-        self._send([_REQ.pack(REQUEST_MAGIC, flags, cmd, self._handle, offset, length), *payload])
-
-    def _reply(self, into: memoryview | None = None) -> None:
-        magic, error, handle = _SIMPLE_REPLY.unpack(self._recv_exact(_SIMPLE_REPLY.size))
-        if magic != SIMPLE_REPLY_MAGIC or handle != self._handle:
-            raise NbdProtocolError(f"reply magic {magic:#x} handle {handle}, expected handle {self._handle}")
-        if error:
-            raise OSError(error, f"NBD server: {os.strerror(error)}")
-        if into is not None:
-            self._recv_into(into)
-
-    def readinto(self, buf: memoryview, offset: int) -> None:
-        done = 0
-        while done < len(buf):
-            n = min(len(buf) - done, self.max_payload)
-            self._command(CMD_READ, offset + done, n)
-            self._reply(buf[done : done + n])
-            done += n
-
-    def read(self, length: int, offset: int) -> bytes:
-        buf = bytearray(length)
-        self.readinto(memoryview(buf), offset)
-        return bytes(buf)
-
-    def write(self, parts: Sequence[Buffer], offset: int) -> None:
-        data = [memoryview(p).cast("B") for p in parts]
-        total = sum(len(p) for p in data)
-        if total <= self.max_payload:
-            self._command(CMD_WRITE, offset, total, data)
-            self._reply()
-            return
-        joined = memoryview(b"".join(data))
-        for start in range(0, total, self.max_payload):
-            chunk = joined[start : start + self.max_payload]
-            self._command(CMD_WRITE, offset + start, len(chunk), [chunk])
-            self._reply()
-
-    def write_zeroes(self, offset: int, length: int) -> None:
-        if not self.transmission_flags & TF_SEND_WRITE_ZEROES:
-            self.write([bytes(length)], offset)
-            return
-        self._command(CMD_WRITE_ZEROES, offset, length)
-        self._reply()
-
-    def flush(self) -> None:
-        if not self.transmission_flags & TF_SEND_FLUSH:
-            raise OSError(
-                errno.ENOTSUP, "NBD export does not support FLUSH; writes could not be made durable"
-            )
-        self._command(CMD_FLUSH, 0, 0)
-        self._reply()
-
-    def close(self) -> None:
-        if self._sock.fileno() < 0:
-            return
-        with contextlib.suppress(OSError):
-            self._command(CMD_DISC, 0, 0)
-        self._sock.close()
 
 
 class NbdServer:
@@ -310,7 +224,7 @@ class NbdDevice:
 
     kind = "nbd"
 
-    def __init__(self, backend: NbdBackend, image: Path, client: NbdClient) -> None:
+    def __init__(self, backend: NbdBackend, image: Path, client: NbdConnection) -> None:
         self._backend = backend
         self.image = image
         self.client = client
