@@ -13,6 +13,7 @@ a ``LookupError``), so generic code keeps working.
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 __all__ = [
@@ -298,6 +299,7 @@ __all__ += [
     "CorruptUnit",
     "DiskFull",
     "DiskImageError",
+    "NbdProtocolError",
     "OwnerMismatch",
     "QuotaExceeded",
     "ReplicaDiverged",
@@ -381,6 +383,20 @@ class DiskImageError(InvalidArgument):
         self.problem = problem
         where = f"disk image {path}" + (f" at byte {offset}" if offset is not None else "")
         super().__init__(f"{where}: {problem}", value, expected)
+
+
+class NbdProtocolError(VmkError, OSError):
+    """An NBD server answered outside the protocol: an ``OSError`` with errno ``EPROTO``.
+
+    ``detail`` says what was received and what was expected.
+    """
+
+    def __init__(self, detail: str) -> None:
+        self.detail = detail
+        super().__init__(errno.EPROTO, f"NBD protocol error: {detail}")
+
+    def __reduce__(self) -> tuple[type[NbdProtocolError], tuple[str]]:
+        return type(self), (self.detail,)
 
 
 # ---------------------------------------------------------------------------

@@ -9,6 +9,7 @@ and one ``__all__`` entry per fast path.
 from vmkernel._core import (
     Determination,
     JournalChain,
+    NbdClient,
     Prefilter,
     PrefilterDecision,
     Processor,
@@ -20,6 +21,7 @@ from vmkernel._core import (
 __all__ = [
     "Determination",
     "JournalChain",
+    "NbdClient",
     "Prefilter",
     "PrefilterDecision",
     "Processor",

@@ -5,8 +5,10 @@ Design: the kernel's journal is an event source.  ``vmk_event`` only buffers
 **data}`` with source ``vmkernel/journal``); the buffer goes to the Rust
 engine in one call when the last event of a commit arrives (its ``seq`` is
 the journal's last), so one kernel operation costs one engine call however
-many events it wrote.  External JSON Lines and EVTX streams go through
-:func:`feed_jsonl` / :func:`feed_evtx`.  Every determination becomes a
+many events it wrote; then the engine's clock is advanced to the kernel
+clock, which closes count windows that ended meanwhile (``lt``/``eq``-style
+correlations are decided when their window closes).  External JSON Lines and
+EVTX streams go through :func:`feed_jsonl` / :func:`feed_evtx`.  Every determination becomes a
 ``threat.determination`` journal event (never fed back to the rules); a rule
 tagged ``action:stop-vm`` whose context is a VM id stops that VM.  Rules are
 native text or Sigma, loaded with :func:`load_rules` or from
@@ -137,11 +139,13 @@ def _stop(kernel: Kernel, st: ThreatState, vm_id: str, rule: str) -> None:
 
 
 def _flush(kernel: Kernel, st: ThreatState) -> None:
-    if not st.pending:
-        return
-    batch, st.pending = st.pending, []
-    st.batches += 1
-    _emit(kernel, st, st.engine.feed(batch), "journal")
+    if st.pending:
+        batch, st.pending = st.pending, []
+        st.batches += 1
+        _emit(kernel, st, st.engine.feed(batch), "journal")
+    if st.programs:
+        # windows that ended before the kernel's clock are decided now, not at their group's next event
+        _emit(kernel, st, st.engine.advance(kernel.clock.now_ns), "clock")
 
 
 def feed_jsonl(kernel: Kernel, data: bytes) -> int:
@@ -189,8 +193,9 @@ def vmk_event(kernel: Kernel, event: Event) -> None:
 def _caps(kernel: Kernel) -> str | None:
     st = state(kernel)
     for name, s in st.engine.stats().items():
-        if s["live"] > MAX_INSTANCES:
-            return f"rule {name} holds {s['live']} instances, above the cap {MAX_INSTANCES}"
+        for what in ("live", "windows"):
+            if s[what] > MAX_INSTANCES:
+                return f"rule {name} holds {s[what]} {what}, above the cap {MAX_INSTANCES}"
     return None
 
 
@@ -217,7 +222,8 @@ def vmk_report(kernel: Kernel) -> ReportSection:
     eng = st.engine
     lines = [
         f"{len(eng.rules)} rules, {eng.events_seen} events in {st.batches} journal batches, "
-        f"{eng.steps} VM steps, {eng.live_instances} live instances",
+        f"{eng.steps} VM steps, {eng.live_instances} live instances, "
+        f"{sum(s['windows'] for s in eng.stats().values())} open count windows",
         f"{len(st.determinations)} determinations, {len(st.stopped)} VMs stopped by rules",
     ]
     return ReportSection("threat", lines)
@@ -298,12 +304,17 @@ def vmk_cli_commands(group: click.Group) -> None:
         dets = []
         for chunk in progress(chunks, length=len(chunks), label=f"{len(evs)} events"):
             dets.extend(engine.feed(chunk))
+        if evs:  # the stream's clock: windows that ended before its last event are decided
+            last = max(e["time_ns"] for e in evs if isinstance(e.get("time_ns"), int))
+            dets.extend(engine.advance(last))
         for d in dets[:limit]:
             click.echo(f"{d.verdict:8} {d.rule}  context={d.context}  events={list(d.events)}  t={d.time_ns}")
         if len(dets) > limit:
             click.echo(f"... {len(dets) - limit} more")
+        open_windows = sum(s["windows"] for s in engine.stats().values())
         click.echo(
             f"{len(programs)} rules, {len(evs)} events, {len(dets)} determinations, {engine.steps} VM steps"
+            + (f", {open_windows} count windows still open at the end" if open_windows else "")
         )
         for name, s in engine.stats().items():
             if s["runs"] or s["matches"]:

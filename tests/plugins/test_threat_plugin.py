@@ -119,3 +119,22 @@ def test_demo_part_stops_the_flapping_vm() -> None:
     with kernel() as k:
         vmk_threat.vmk_demo(k, demo)
     assert demo.records == {"threat determinations": 1, "threat VMs stopped": 1}
+
+
+def test_the_kernel_clock_closes_count_windows() -> None:
+    rule = 'rule "lonely launch" { context vm  when vm.launch count < 2 within 10s }'
+    with kernel() as k:
+        vmk_threat.load_rules(k, compile_native(rule))
+        vm = k.create_vm("once", memory_mib=64)
+        k.launch_vm(vm)
+        assert k.journal.of_kind("threat.determination") == []
+        assert vmk_threat.state(k).engine.stats()["lonely launch"]["windows"] == 1
+        k.clock.advance(5 * 10**9)  # the window is still open
+        assert k.journal.of_kind("threat.determination") == []
+        k.clock.advance(6 * 10**9)  # past its end: decided without another event of the VM
+        dets = k.journal.of_kind("threat.determination")
+        assert [(e.data["rule"], e.data["context"], e.data["origin"]) for e in dets] == [
+            ("lonely launch", vm.id, "clock")
+        ]
+        for inv in k.hook.vmk_invariants(kernel=k)[0]:
+            assert inv.check() is None

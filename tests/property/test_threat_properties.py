@@ -1,5 +1,7 @@
 """Hypothesis properties of the threat-rule engine: loader robustness, Rust = reference, and the
-spec's invariants (operand order, double negation, context interleaving, determinism, caps, fuel)."""
+spec's invariants (operand order, double negation, context interleaving, determinism, caps, fuel).
+Rules include aggregates (sliding and window counts, distinct values, nested parts) and group-by
+contexts of one or two fields; runs end with ``advance`` so that every window is decided."""
 
 from __future__ import annotations
 
@@ -62,6 +64,33 @@ exprs = st.recursive(
 
 
 @st.composite
+def bounds(draw: st.DrawFn, eager: bool = False) -> ir.Bound:
+    lo = draw(st.integers(1, 4))
+    if eager or draw(st.booleans()):
+        return ir.Bound(lo)
+    hi = draw(st.none() | st.integers(lo, lo + 3))
+    ne = tuple(sorted(draw(st.sets(st.integers(lo, lo + 3), max_size=2))))
+    return ir.Bound(lo, hi, ne)
+
+
+@st.composite
+def aggs(draw: st.DrawFn, nested: bool = False) -> ir.Agg:
+    parts: list[tuple[str, Any]] = []
+    if draw(st.booleans()):
+        for k in range(draw(st.integers(1, 3))):
+            item = draw(aggs(nested=True)) if not nested and draw(st.integers(0, 3)) == 0 else draw(exprs)
+            parts.append((f"p{k}", item))
+    distinct_parts = bool(parts) and draw(st.booleans())
+    return ir.Agg(
+        window=draw(st.integers(1, 50)),
+        bound=draw(bounds(eager=nested)),
+        of=None if distinct_parts else draw(st.sampled_from([None, None, "a", "b", "type", "*"])),
+        parts=tuple(parts),
+        distinct_parts=distinct_parts,
+    )
+
+
+@st.composite
 def specs(draw: st.DrawFn, name: str = "r") -> ir.RuleSpec:
     n = draw(st.integers(1, 3))
     steps = []
@@ -72,12 +101,13 @@ def specs(draw: st.DrawFn, name: str = "r") -> ir.RuleSpec:
                 cond=draw(st.none() | exprs),
                 count=draw(st.none() | st.tuples(st.integers(1, 3), st.integers(1, 50))),
                 within=draw(st.integers(1, 60)) if k else None,
+                agg=draw(st.none() | aggs()) if draw(st.integers(0, 2)) == 0 else None,
             )
         )
     return ir.RuleSpec(
         name,
         steps,
-        context=draw(st.sampled_from([None, "pid"])),
+        context=draw(st.sampled_from([None, "pid", ("pid", "a")])),
         silent=draw(st.booleans()),
         verdict=draw(st.sampled_from(["match", "no-match"])),
     )
@@ -94,7 +124,7 @@ def events(draw: st.DrawFn, n: int = 12) -> list[dict[str, Any]]:
             ev["source"] = draw(st.sampled_from(TYPES))
         for f in ("a", "b", "cmd", "pid"):
             if draw(st.booleans()):
-                ev[f] = draw(values) if f != "pid" else draw(st.sampled_from([1, 2, "1", "x"]))
+                ev[f] = draw(values) if f != "pid" else draw(st.sampled_from([1, 2, "1", "x", 'q"\x01']))
         out.append(ev)
     return out
 
@@ -102,6 +132,10 @@ def events(draw: st.DrawFn, n: int = 12) -> list[dict[str, Any]]:
 def run(mod: Any, progs: list[bytes], evs: list[dict[str, Any]], **kw: Any) -> tuple[Any, ...]:
     eng = mod.RuleEngine(progs, **kw)
     dets = eng.feed(evs)
+    half = max((e["time_ns"] for e in evs), default=0) // 2
+    dets += eng.advance(half)  # the clock moves on: windows that ended are decided
+    dets += eng.feed(evs[len(evs) // 2 :])
+    dets += eng.advance(2**62)
     return (
         [(d.rule, d.context, d.verdict, tuple(d.events), d.time_ns) for d in dets],
         eng.steps,
@@ -173,6 +207,7 @@ def test_random_rules_agree_rust_and_reference(
         stats = got[2][f"r{i}"]
         assert stats["steps"] <= stats["runs"] * len(ir.build(s).code)
         assert stats["live"] <= 3
+        assert stats["windows"] == 0  # advance(2**62) decided every window
 
 
 @settings(max_examples=scaled(500))

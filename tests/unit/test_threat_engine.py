@@ -98,12 +98,16 @@ def test_constants_must_be_utf8(impl: ModuleType) -> None:
     assert verify_code(impl, bad)[0] == "bad-utf8"
 
 
-def test_version_mismatch_has_its_own_error(impl: ModuleType) -> None:
+@pytest.mark.parametrize("version", [1, 3, 0xFFFF])
+def test_version_mismatch_has_its_own_error(impl: ModuleType, version: int) -> None:
+    # version 1 programs (before aggregates and group-by tuples) are refused, not misread
     data = bytearray(simple())
-    data[4:6] = struct.pack("<H", 2)
+    assert data[4:6] == struct.pack("<H", P.VERSION) == struct.pack("<H", 2)
+    data[4:6] = struct.pack("<H", version)
     with pytest.raises(VersionMismatch) as info:
         impl.RuleEngine([bytes(data)])
     assert info.value.code == "version"
+    assert f"program version {version}, expected 2" in str(info.value)
 
 
 def test_loading_is_all_or_nothing(impl: ModuleType) -> None:

@@ -8,6 +8,7 @@ and one ``__all__`` entry per model.
 
 from vmkernel.reference.blockcrc import crc32c_blocks, crc32c_first_mismatch
 from vmkernel.reference.journal_chain import JournalChain
+from vmkernel.reference.nbd import NbdClient
 from vmkernel.reference.prefilter import Prefilter, PrefilterDecision
 from vmkernel.reference.processor import Processor
 from vmkernel.reference.rulevm import Determination, RuleEngine
@@ -15,6 +16,7 @@ from vmkernel.reference.rulevm import Determination, RuleEngine
 __all__ = [
     "Determination",
     "JournalChain",
+    "NbdClient",
     "Prefilter",
     "PrefilterDecision",
     "Processor",

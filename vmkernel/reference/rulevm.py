@@ -19,15 +19,32 @@ check both).  Programs are decoded and verified by
   current event expires; an event older than an instance's last event never
   extends it.  Fuel is instructions: each run stops within ``len(code)``
   steps because jumps only go forward.
-* Caps.  Each rule keeps at most ``max_instances`` instances and as many
-  counters; a new one beyond that drops expired instances first, then the
-  oldest (by first event time, then creation), counted in ``evicted``.
+* Caps.  Each rule keeps at most ``max_instances`` instances, as many
+  counters and as many windows; a new instance beyond that drops expired
+  instances first, then the oldest (by first event time, then creation); a
+  new counter or window drops the oldest created; all counted in ``evicted``.
 * Candidates.  A rule runs on an event whose ``type`` or ``source`` equals
   one of its types or has it as a ``/``-separated prefix (no types: every
-  event), in the context given by its context field (a str, or an int shown
-  in decimal; events without one are not in the rule's view).  A root run is
+  event), in the context given by its context fields (each a str, or an int
+  shown in decimal; events missing one are not in the rule's view).  With
+  one field the context key is its value, with several the JSON array of
+  their values (``["alice","h1"]``, compact, non-ASCII kept).  A root run is
   skipped when the rule has pre-filter literals and none occurs in the
   lowercased text of its field.
+* Aggregates.  ``COUNT`` and a sliding ``AGG`` keep per (context, slot) the
+  entries of the last ``window`` ns (an entry older than the current event by
+  more than the window is dropped when the slot is next fed); ``AGG`` keeps at
+  most ``cap`` entries (dropping the one seen longest ago), so its count is
+  the true count saturated at ``cap``.  A distinct ``AGG`` adds each text
+  value of its register (none: nothing changes and the count reads 0).  A
+  deferred ``AGG`` opens a window at its first event and adds to it while it
+  is open.  A window closes when the rule sees an event of its context more
+  than ``window`` ns after the window opened (before that event runs), or on
+  :meth:`RuleEngine.advance`; if a ``WINDOW`` instruction was reached the run
+  resumes after it with the final count, without an event (no fields, no
+  type; ``COUNT`` is false and ``AGG`` reads 0), at the window's end time,
+  and its determination lists the events up to the one that opened the
+  window.  Closes run in order of end time, then creation.
 * Values.  A test on a list is true when it holds for an element.  String
   tests see strings, ints in decimal and booleans as ``true``/``false``;
   number tests see ints, integral floats and strings of decimal digits.
@@ -50,6 +67,7 @@ from vmkernel.rules import program as P
 __all__ = ["Determination", "RuleEngine"]
 
 _I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
+_NO_SEQ = -1  # the "event" of a run without one (a window close)
 _ABSENT = object()
 _DIGITS = re.compile(r"-?[0-9]+")
 
@@ -226,7 +244,7 @@ class _Rule:
         self.name = prog.name
         self.code = prog.code
         self.fields = prog.fields
-        self.context = prog.context_field
+        self.contexts = prog.context_fields
         self.prepared: list[Any] = []
         for c in prog.consts:
             if c.kind == P.K_STR:
@@ -270,6 +288,46 @@ class _Instance:
         self.timeout = timeout
         self.types = types
         self.created = created
+
+
+class _Window:
+    """A deferred aggregate's open window in one context."""
+
+    __slots__ = ("cap", "chain", "count", "created", "distinct", "first_time", "open_time", "resume", "span")
+
+    def __init__(
+        self, open_time: int, span: int, cap: int, distinct: bool, first_time: int, chain: tuple[int, ...]
+    ) -> None:
+        self.open_time = open_time
+        self.span = span
+        self.cap = cap
+        self.distinct = distinct
+        self.first_time = first_time
+        self.chain = chain
+        self.count: int | list[str] = [] if distinct else 0
+        self.created = 0
+        self.resume: int | None = None
+
+    def size(self) -> int:
+        return len(self.count) if isinstance(self.count, list) else self.count
+
+    def due(self, now: int) -> bool:
+        return now - self.open_time > self.span
+
+
+def _key(contexts: list[str], fields: dict[str, Any]) -> str | None:
+    parts = []
+    for name in contexts:
+        cv = fields.get(name)
+        if isinstance(cv, str) and not isinstance(cv, _Big):
+            parts.append(cv)
+        elif isinstance(cv, int) and not isinstance(cv, bool):
+            parts.append(str(cv))
+        else:
+            return None
+    if len(parts) == 1:
+        return parts[0]
+    return json.dumps(parts, ensure_ascii=False, separators=(",", ":"))
 
 
 class _Event:
@@ -429,6 +487,9 @@ class RuleEngine:
         # per rule: context key -> wait key -> instance; counters: (key, slot) -> [created, times]
         self._live: list[dict[str, dict[int, _Instance]]] = [{} for _ in rules]
         self._counters: list[dict[tuple[str, int], list[Any]]] = [{} for _ in rules]
+        # deferred aggregates: context key -> slot -> open window
+        self._windows: list[dict[str, dict[int, _Window]]] = [{} for _ in rules]
+        self._nwin = [0] * len(rules)
         self._created = 0
         self._seq = 0
         self._steps = 0
@@ -453,12 +514,31 @@ class RuleEngine:
         return sum(len(w) for live in self._live for w in live.values())
 
     def stats(self) -> dict[str, dict[str, int]]:
-        """Per rule: runs, steps, skipped, matches, no_matches, silent, expired, evicted, live."""
+        """Per rule: runs, steps, skipped, matches, no_matches, silent, expired, evicted, live, windows."""
         out = {}
         for r, s in zip(self._rules, self._stats, strict=True):
             d = dict(s)
             d["live"] = sum(len(w) for w in self._live[r.index].values())
+            d["windows"] = self._nwin[r.index]
             out[r.name] = d
+        return out
+
+    def advance(self, now_ns: int) -> list[Determination]:
+        """Close every window that ended before ``now_ns`` (the stream's clock moved on without an event
+        of its context); returns the determinations, in order of window end, then creation."""
+        if isinstance(now_ns, bool) or not isinstance(now_ns, int) or not _I64_MIN <= now_ns <= _I64_MAX:
+            raise InvalidArgument("now_ns", now_ns, "an int number of ns (64-bit)")
+        due = [
+            (w.open_time + w.span, w.created, ri, key, slot)
+            for ri, per in enumerate(self._windows)
+            for key, wins in per.items()
+            for slot, w in wins.items()
+            if w.due(now_ns)
+        ]
+        due.sort(key=lambda d: (d[0], d[1]))
+        out: list[Determination] = []
+        for _, _, ri, key, slot in due:
+            self._close(ri, key, slot, out)
         return out
 
     def feed(self, events: Iterable[Mapping[str, Any]]) -> list[Determination]:
@@ -512,17 +592,16 @@ class RuleEngine:
     def _event(self, ev: _Event, out: list[Determination]) -> None:
         for ri in self._candidates(ev):
             rule = self._rules[ri]
-            if rule.context is None:
-                key: str | None = ""
-            else:
-                cv = ev.fields.get(rule.context)
-                key = (
-                    cv
-                    if isinstance(cv, str) and not isinstance(cv, _Big)
-                    else (str(cv) if isinstance(cv, int) and not isinstance(cv, bool) else None)
-                )
+            key = _key(rule.contexts, ev.fields) if rule.contexts else ""
             if key is None:
                 continue
+            wins = self._windows[ri].get(key)
+            if wins:
+                due = sorted(
+                    (w.open_time + w.span, w.created, slot) for slot, w in wins.items() if w.due(ev.time)
+                )
+                for _, _, slot in due:
+                    self._close(ri, key, slot, out)
             waits = self._live[ri].get(key)
             if waits:
                 for wkey in sorted(waits, reverse=True):
@@ -579,15 +658,30 @@ class RuleEngine:
                     self._stats[ri]["evicted"] += 1
         waits[wkey] = inst
 
+    def _close(self, ri: int, key: str, slot: int, out: list[Determination]) -> None:
+        """Close a window: drop it, and resume the run waiting at its WINDOW with the final count."""
+        wins = self._windows[ri].get(key)
+        w = None if wins is None else wins.pop(slot, None)
+        if w is None:
+            return
+        self._nwin[ri] -= 1
+        if not wins:
+            del self._windows[ri][key]
+        if w.resume is not None:
+            end = min(w.open_time + w.span, _I64_MAX)
+            self._exec(self._rules[ri], key, w.resume + 1, None, None, out, close=(w, end))
+
     def _exec(
         self,
         rule: _Rule,
         key: str,
         pc: int,
         resumed: tuple[int, _Instance] | None,
-        ev: _Event,
+        ev: _Event | None,
         out: list[Determination],
+        close: tuple[_Window, int] | None = None,
     ) -> None:
+        """One run from ``pc``: for an event, or (``ev`` None) for a window that closed at ``close[1]``."""
         ri = rule.index
         stats = self._stats[ri]
         stats["runs"] += 1
@@ -595,15 +689,22 @@ class RuleEngine:
         consts = rule.prepared
         regs: list[Any] = [_ABSENT] * P.NREGS
         flag = False
-        chain = (resumed[1].events if resumed else ()) + (ev.seq,)
-        first_time = resumed[1].first_time if resumed else ev.time
+        if ev is None:
+            assert close is not None
+            win, now = close
+            seq, chain, first_time = _NO_SEQ, win.chain, win.first_time
+            regs[code[pc - 1].r] = win.size()
+        else:
+            now, seq = ev.time, ev.seq
+            chain = (resumed[1].events if resumed else ()) + (ev.seq,)
+            first_time = resumed[1].first_time if resumed else ev.time
         steps = 0
         while True:
             ins = code[pc]
             steps += 1
             op = ins.op
             if op == P.LOADF:
-                regs[ins.r] = ev.get(rule.fields[ins.a])
+                regs[ins.r] = ev.get(rule.fields[ins.a]) if ev is not None else _ABSENT
             elif op == P.JF:
                 if not flag:
                     pc = ins.a
@@ -626,13 +727,24 @@ class RuleEngine:
                     regs[ins.r],
                 )
             elif op == P.ISTYPE:
-                flag = types_match(rule.prog.consts[ins.a].value, ev.type, ev.source)
+                flag = ev is not None and types_match(rule.prog.consts[ins.a].value, ev.type, ev.source)
             elif op == P.LOADCTX:
-                regs[ins.r] = key if rule.context is not None else _ABSENT
+                regs[ins.r] = key if rule.contexts else _ABSENT
             elif op == P.LOADTYPE:
-                regs[ins.r] = ev.type
+                regs[ins.r] = ev.type if ev is not None else _ABSENT
+            elif op == P.LOADK:
+                regs[ins.r] = rule.prog.consts[ins.a].value
             elif op == P.COUNT:
-                flag = self._count(ri, key, ins.x, ins.a, ins.imm, ev.time)
+                flag = ev is not None and self._count(ri, key, ins.x, ins.a, ins.imm, now)
+            elif op == P.AGG:
+                regs[ins.r] = 0 if ev is None else self._agg(ri, key, ins, regs, now, first_time, chain)
+            elif op == P.RESET:
+                self._counters[ri].pop((key, ins.x), None)
+            elif op == P.WINDOW:
+                w = self._windows[ri].get(key, {}).get(ins.x)
+                if w is not None and w.resume is None:
+                    w.resume = pc
+                break  # the run ends; a resumed instance stays waiting
             elif op == P.LAUNCH:
                 tj = rule.launch_targets[ins.a]
                 self._created += 1
@@ -640,8 +752,8 @@ class RuleEngine:
                     tj,
                     key,
                     -1,
-                    _Instance(ev.time, ev.time, ev.seq, chain, ins.imm, None, self._created),
-                    ev.time,
+                    _Instance(now, now, seq, chain, ins.imm, None, self._created),
+                    now,
                 )
             elif op == P.WAIT:
                 if resumed is not None:
@@ -656,8 +768,8 @@ class RuleEngine:
                     ri,
                     key,
                     pc,
-                    _Instance(first_time, ev.time, ev.seq, chain, ins.imm, types, created),
-                    ev.time,
+                    _Instance(first_time, now, seq, chain, ins.imm, types, created),
+                    now,
                 )
                 break
             elif op == P.HALT:
@@ -675,10 +787,10 @@ class RuleEngine:
                         out.append(
                             Determination(
                                 rule.name,
-                                key if rule.context is not None else None,
+                                key if rule.contexts else None,
                                 P.HALT_VERDICTS[verdict],
                                 chain,
-                                ev.time,
+                                now,
                             )
                         )
                 break
@@ -686,7 +798,8 @@ class RuleEngine:
         stats["steps"] += steps
         self._steps += steps
 
-    def _count(self, ri: int, key: str, slot: int, need: int, window: int, now: int) -> bool:
+    def _counter(self, ri: int, key: str, slot: int) -> list[Any]:
+        """The (context, slot) counter entry ``[created, entries]``, made (evicting the oldest) if new."""
         counters = self._counters[ri]
         entry = counters.get((key, slot))
         if entry is None:
@@ -697,13 +810,82 @@ class RuleEngine:
             self._created += 1
             entry = [self._created, []]
             counters[(key, slot)] = entry
-        times: list[int] = entry[1]
+        return entry
+
+    def _count(self, ri: int, key: str, slot: int, need: int, window: int, now: int) -> bool:
+        times: list[int] = self._counter(ri, key, slot)[1]
         times[:] = [x for x in times if now - x <= window]
         times.append(now)
         if len(times) >= need:
             times.clear()
             return True
         return False
+
+    def _agg(
+        self,
+        ri: int,
+        key: str,
+        ins: P.Instr,
+        regs: list[Any],
+        now: int,
+        first_time: int,
+        chain: tuple[int, ...],
+    ) -> int:
+        slot, cap, span = ins.x & 0xF, ins.a, ins.imm
+        distinct = bool(ins.x & P.AGG_DISTINCT)
+        values: list[str] = []
+        if distinct:
+            values = [t for t in (_text(e) for e in _elements(regs[(ins.x >> 4) & 0xF])) if t is not None]
+            if not values:
+                return 0
+        if ins.x & P.AGG_DEFERRED:
+            wins = self._windows[ri].get(key)
+            w = None if wins is None else wins.get(slot)
+            if w is None:
+                if self._nwin[ri] >= self._max:
+                    victim = min(
+                        (
+                            (old.created, k2, s2)
+                            for k2, w2 in self._windows[ri].items()
+                            for s2, old in w2.items()
+                        ),
+                    )
+                    w2 = self._windows[ri][victim[1]]
+                    del w2[victim[2]]
+                    if not w2:
+                        del self._windows[ri][victim[1]]
+                    self._nwin[ri] -= 1
+                    self._stats[ri]["evicted"] += 1
+                w = _Window(now, span, cap, distinct, first_time, chain)
+                self._created += 1
+                w.created = self._created
+                self._windows[ri].setdefault(key, {})[slot] = w
+                self._nwin[ri] += 1
+            if isinstance(w.count, list):
+                for v in values:
+                    if v not in w.count and len(w.count) < cap:
+                        w.count.append(v)
+            else:
+                w.count = min(w.count + 1, cap)
+            return w.size()
+        entries: list[Any] = self._counter(ri, key, slot)[1]
+        if distinct:
+            entries[:] = [e for e in entries if now - e[1] <= span]
+            for v in values:
+                for e in entries:
+                    if e[0] == v:
+                        e[1] = max(e[1], now)
+                        break
+                else:
+                    entries.append([v, now])
+                while len(entries) > cap:  # drop the value seen longest ago (the first of equals)
+                    del entries[min(range(len(entries)), key=lambda i: entries[i][1])]
+        else:
+            entries[:] = [x for x in entries if now - x <= span]
+            entries.append(now)
+            while len(entries) > cap:
+                del entries[entries.index(min(entries))]
+        return len(entries)
 
 
 _STAT_KEYS = ("runs", "steps", "skipped", "matches", "no_matches", "silent", "expired", "evicted")

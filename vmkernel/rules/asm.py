@@ -33,7 +33,7 @@ def disassemble(data: bytes) -> str:
     p = P.decode(data)
     lines = [
         f"rule {p.name!r}  (format v{p.version}, {len(p.code)} instructions)",
-        f"  context: {p.context_field or '-'}",
+        f"  context: {', '.join(p.context_fields) or '-'}",
         f"  types:   {', '.join(p.types) or 'any'}",
     ]
     flags = [f for f, on in (("silent", p.silent), ("launched", p.launched)) if on]
@@ -55,6 +55,8 @@ def disassemble(data: bytes) -> str:
             text, note = f"{name} r{ins.r}, #{ins.a}", f"field {p.fields[ins.a]!r}"
         elif op in (P.LOADCTX, P.LOADTYPE) or op in (P.EXISTS, P.ISNULL):
             text, note = f"{name} r{ins.r}", ""
+        elif op == P.LOADK:
+            text, note = f"{name} r{ins.r}, #{ins.a}", _const(p, ins.a)
         elif op == P.CMP:
             text, note = f"{name}.{P.CMP_OPS[ins.x]} r{ins.r}, #{ins.a}", _const(p, ins.a)
         elif P.EQ <= op <= P.ANYOF:
@@ -73,6 +75,20 @@ def disassemble(data: bytes) -> str:
             text, note = f"{name} #{ins.a}, {ins.imm}ns", f"rule {p.launches[ins.a]!r}"
         elif op == P.COUNT:
             text, note = f"{name} slot {ins.x}, {ins.a}, {ins.imm}ns", f"{ins.a} events within {ins.imm} ns"
+        elif op == P.AGG:
+            slot, vreg = ins.x & 0xF, (ins.x >> 4) & 0xF
+            distinct, deferred = ins.x & P.AGG_DISTINCT, ins.x & P.AGG_DEFERRED
+            what = f"distinct r{vreg}" if distinct else "events"
+            mode = "window" if deferred else "sliding"
+            text = f"{name}.{mode} r{ins.r}, slot {slot}, {what}, cap {ins.a}, {ins.imm}ns"
+            note = f"r{ins.r} = {'distinct values' if distinct else 'events'} within {ins.imm} ns"
+        elif op == P.WINDOW:
+            text, note = (
+                f"{name} r{ins.r}, slot {ins.x}",
+                f"run ends; resumes at {pc + 1} when the window closes",
+            )
+        elif op == P.RESET:
+            text, note = f"{name} slot {ins.x}", ""
         else:
             text, note = f"{name} {P.HALT_VERDICTS[ins.x]}", ""
         lines.append(f"  {pc:>{width}}  {text:<32}" + (f"; {note}" if note else "").rstrip())

@@ -8,6 +8,16 @@ forward to one final ``halt monitor``, so the verifier's rules hold by
 construction.  :func:`required_literals` derives the pre-filter: a set of
 (field, literal) pairs one of which occurs (lowercased) in every event that
 can pass the first step, so the engine may skip the rule on other events.
+
+A step may carry an :class:`Agg`: a count of its events, or of distinct
+values of a field, or of distinct *parts* (alternative conditions, which may
+themselves be aggregates that fire), checked against a :class:`Bound` over a
+time window.  A bound with only a lower limit is decided at the event that
+reaches it (a sliding window, cleared when it fires); any other bound is
+decided when a window opened by the first event closes (``agg`` deferred,
+then ``window``).  Registers: r0 holds field loads of tests; an aggregate
+nested ``d`` deep uses r(1+3d) for its count, r(2+3d) for values and r(3+3d)
+as a "some part matched" mark, so aggregates nest at most four deep.
 """
 
 from __future__ import annotations
@@ -19,7 +29,9 @@ from vmkernel.rules import program as P
 
 __all__ = [
     "TEST_OPS",
+    "Agg",
     "And",
+    "Bound",
     "Expr",
     "IsType",
     "Not",
@@ -86,6 +98,63 @@ class Not:
 
 Expr = Union[Test, IsType, And, Or, Not]  # noqa: UP007 - a runtime alias
 
+#: Most aggregates nested inside one another (registers r1..r15, three per level).
+MAX_AGG_DEPTH = 4
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A condition on a count ``n``: ``lo <= n``, ``n <= hi`` (None: no upper limit), ``n`` not in ``ne``."""
+
+    lo: int = 1
+    hi: int | None = None
+    ne: tuple[int, ...] = ()
+
+    @property
+    def eager(self) -> bool:
+        """Only a lower limit: once it holds, more events cannot undo it, so it is decided at once."""
+        return self.hi is None and not self.ne
+
+    def holds(self, n: int) -> bool:
+        return n >= self.lo and (self.hi is None or n <= self.hi) and n not in self.ne
+
+    @staticmethod
+    def of(lo: int, hi: int | None, ne: set[int] | tuple[int, ...] = ()) -> Bound:
+        """The normal form: ``lo`` at least 1 and itself allowed (excluded counts below it raise it),
+        only excluded counts inside ``lo..hi`` kept; so a condition true for every count from some
+        value up is a lower limit alone (``!= 1`` is ``>= 2``), decided at once."""
+        lo = max(lo, 1)
+        while lo in ne:
+            lo += 1
+        return Bound(lo, hi, tuple(sorted(x for x in ne if x > lo and (hi is None or x <= hi))))
+
+    @property
+    def satisfiable(self) -> bool:
+        """Some count of at least 1 satisfies it."""
+        return any(self.holds(n) for n in range(self.lo, self.lo + len(self.ne) + 2))
+
+    @property
+    def cap(self) -> int:
+        """Counting up to this many decides the bound (a count saturated at ``cap`` compares alike)."""
+        return max(1, self.lo, *((self.hi + 1,) if self.hi is not None else ()), *(x + 1 for x in self.ne))
+
+
+@dataclass(frozen=True)
+class Agg:
+    """An aggregate over ``window`` ns per context, checked against ``bound``.
+
+    It counts the events that take part (every event of the step, or with ``parts`` those that match
+    a part), or with ``of`` the distinct text values of that field (``"type"``: the event type), or
+    with ``distinct_parts`` the distinct parts matched (their tags).  A part is an expression or an
+    eager :class:`Agg` that takes part when it fires.
+    """
+
+    window: int
+    bound: Bound = Bound()
+    of: str | None = None
+    parts: tuple[tuple[str, Expr | Agg], ...] = ()
+    distinct_parts: bool = False
+
 
 @dataclass
 class Step:
@@ -95,13 +164,14 @@ class Step:
     cond: Expr | None = None
     count: tuple[int, int] | None = None  # (threshold, window ns)
     within: int | None = None  # later steps: ns since the first event
+    agg: Agg | None = None
 
 
 @dataclass
 class RuleSpec:
     name: str
     steps: list[Step]
-    context: str | None = None
+    context: str | tuple[str, ...] | None = None  # group-by field(s)
     silent: bool = False
     launched: bool = False
     tags: list[str] = field(default_factory=list)
@@ -120,6 +190,7 @@ class _Builder:
         self.labels: dict[int, int] = {}
         self.fixups: list[int] = []
         self.next_label = 0
+        self.slots = 0
 
     def const(self, kind: int, value: Any) -> int:
         key = (kind, value)
@@ -202,6 +273,89 @@ class _Builder:
             a = self.const(P.K_STR, str(t.value))
         self.emit(opcode, 0, x, a)
 
+    def slot(self) -> int:
+        if self.slots >= P.MAX_SLOTS:
+            raise ValueError(f"more than {P.MAX_SLOTS} counters in one rule")
+        self.slots += 1
+        return self.slots - 1
+
+    def bound(self, reg: int, bound: Bound, fail: int, *, deferred: bool) -> None:
+        """Checks of ``reg`` against ``bound``; each failing one jumps to ``fail``."""
+        if bound.lo > 1 or not deferred:  # a closed window holds at least one event
+            self.emit(P.CMP, reg, 3, self.const(P.K_INT, bound.lo))
+            self.jump(P.JF, fail)
+        if bound.hi is not None:
+            self.emit(P.CMP, reg, 1, self.const(P.K_INT, bound.hi))
+            self.jump(P.JF, fail)
+        for x in bound.ne:
+            self.emit(P.EQ, reg, 0, self.const(P.K_INT, x))
+            self.emit(P.NOT)
+            self.jump(P.JF, fail)
+
+    def any_part(self, parts: tuple[tuple[str, Expr | Agg], ...], depth: int) -> None:
+        """Leave in the flag whether some part matches; every aggregate part is fed (no short cut)."""
+        if all(not isinstance(item, Agg) for _, item in parts):
+            self.expr(Or(tuple(item for _, item in parts)))  # type: ignore[misc]
+            return
+        mark = 3 + 3 * depth
+        self.emit(P.LOADK, mark, a=self.const(P.K_INT, 0))
+        for _, item in parts:
+            nxt = self.label()
+            self.item(item, depth + 1)
+            self.jump(P.JF, nxt)
+            self.emit(P.LOADK, mark, a=self.const(P.K_INT, 1))
+            self.place(nxt)
+        self.emit(P.EQ, mark, 0, self.const(P.K_INT, 1))
+
+    def item(self, item: Expr | Agg, depth: int) -> None:
+        """Leave in the flag whether ``item`` matches this event (an aggregate: whether it fires)."""
+        if not isinstance(item, Agg):
+            self.expr(item)
+            return
+        if not item.bound.eager:
+            raise ValueError("a nested aggregate must be decided at an event (a lower limit only)")
+        end = self.label()
+        self.agg(item, depth, end, deferred=False)
+        self.place(end)
+
+    def agg(self, agg: Agg, depth: int, fail: int, *, deferred: bool) -> None:
+        """The aggregate's code: falls through when it holds (flag set), else jumps to ``fail``."""
+        if depth >= MAX_AGG_DEPTH:
+            raise ValueError(f"aggregates nested more than {MAX_AGG_DEPTH} deep")
+        count, value = 1 + 3 * depth, 2 + 3 * depth
+        cap, lo = agg.bound.cap, agg.bound.lo
+        if agg.parts and not agg.distinct_parts:
+            self.any_part(agg.parts, depth)
+            self.jump(P.JF, fail)
+        if agg.of is None and not agg.distinct_parts and not deferred:
+            self.emit(P.COUNT, x=self.slot(), a=lo, imm=agg.window)
+            self.jump(P.JF, fail)
+            return
+        slot = self.slot()
+        flags = P.AGG_DEFERRED if deferred else 0
+        if agg.distinct_parts:
+            self.emit(P.LOADK, count, a=self.const(P.K_INT, 0))
+            for tag, item in agg.parts:
+                nxt = self.label()
+                self.item(item, depth + 1)
+                self.jump(P.JF, nxt)
+                self.emit(P.LOADK, value, a=self.const(P.K_STR, tag))
+                self.emit(P.AGG, count, slot | value << 4 | P.AGG_DISTINCT | flags, cap, agg.window)
+                self.place(nxt)
+        elif agg.of is not None:
+            if agg.of == "type":
+                self.emit(P.LOADTYPE, value)
+            else:
+                self.emit(P.LOADF, value, a=self.field(agg.of))
+            self.emit(P.AGG, count, slot | value << 4 | P.AGG_DISTINCT | flags, cap, agg.window)
+        else:
+            self.emit(P.AGG, count, slot | flags, cap, agg.window)
+        if deferred:
+            self.emit(P.WINDOW, count, slot)
+        self.bound(count, agg.bound, fail, deferred=deferred)
+        if not deferred:
+            self.emit(P.RESET, x=slot)
+
     def finish(self) -> list[P.Instr]:
         for pc in self.fixups:
             self.code[pc][3] = self.labels[self.code[pc][3]]
@@ -231,8 +385,10 @@ def build(spec: RuleSpec) -> P.Program:
             b.expr(st.cond)
             b.jump(P.JF, fail)
         if st.count is not None:
-            b.emit(P.COUNT, x=k, a=st.count[0], imm=st.count[1])
+            b.emit(P.COUNT, x=b.slot(), a=st.count[0], imm=st.count[1])
             b.jump(P.JF, fail)
+        if st.agg is not None:
+            b.agg(st.agg, 0, fail, deferred=not st.agg.bound.eager)
     launches: list[str] = []
     for target, timeout in spec.launches:
         if target not in launches:
@@ -243,11 +399,14 @@ def build(spec: RuleSpec) -> P.Program:
     b.emit(P.HALT, x=P.MONITOR)
     code = b.finish()
     prefilter: list[tuple[int, str]] = []
-    if spec.prefilter and spec.steps and spec.steps[0].cond is not None:
-        req = required_literals(spec.steps[0].cond)
+    first = spec.steps[0] if spec.steps else None
+    gate = None if first is None else first.cond if first.cond is not None else _agg_expr(first.agg)
+    if spec.prefilter and gate is not None:
+        req = required_literals(gate)
         if req:
             prefilter = [(b.field(f), lit) for f, lit in sorted(req)]
-    context = None if spec.context is None else b.field(spec.context)
+    group = (spec.context,) if isinstance(spec.context, str) else spec.context or ()
+    context = [b.field(f) for f in group]
     return P.Program(
         name=spec.name,
         code=code,
@@ -261,6 +420,16 @@ def build(spec: RuleSpec) -> P.Program:
         silent=spec.silent,
         launched=spec.launched,
     )
+
+
+def _agg_expr(agg: Agg | Expr | None) -> Expr | None:
+    """An expression every event that takes part in ``agg`` satisfies (None: any event may)."""
+    if not isinstance(agg, Agg):
+        return agg
+    if not agg.parts:
+        return None
+    items = [_agg_expr(item) for _, item in agg.parts]
+    return None if any(e is None for e in items) else Or(tuple(e for e in items if e is not None))
 
 
 def _glob_literal(pattern: str) -> str:

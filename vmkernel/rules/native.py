@@ -5,7 +5,7 @@ token's line and column, so each error points at the offending token
 (:class:`RuleCompileError`).  A file holds rules::
 
     rule "burst then root login" {
-        context user                     # instances are per value of this field
+        context user                     # instances are per value of this field (or fields: a, b)
         tag "action:stop-vm"
         when auth.failure where src cidr "10.0.0.0/8" count 5 within 1m
         then auth.success where user == "root" nocase within 10m
@@ -14,7 +14,12 @@ token's line and column, so each error points at the offending token
     }
 
 ``when`` is the first event, each ``then`` a later one (a WAIT, its time
-window counted from the first event).  Conditions combine ``and``, ``or``,
+window counted from the first event).  A step may count: ``count N within D``
+(at least N events), ``count > 10 and <= 20 within D`` (any of ``>= > <= <
+== !=``, joined by ``and``), or ``distinct FIELD >= 5 within D`` (distinct
+values of a field; ``distinct type`` counts event types).  A lower limit
+alone is decided at the event that reaches it; any other condition when
+the window opened by the first event closes.  Conditions combine ``and``, ``or``,
 ``not`` and parentheses over ``field OP value``: ``==``, ``!=``,
 ``startswith``, ``endswith``, ``contains``, ``glob``, ``in [..]``,
 ``containsany [..]`` (append ``nocase`` for case-insensitive), ``matches``
@@ -61,6 +66,7 @@ _STRING_OPS = {
     "glob": "glob",
 }
 _NUM_OPS = {"<": "lt", "<=": "le", ">": "gt", ">=": "ge"}
+_COUNT_OPS = (">=", ">", "<=", "<", "==", "!=")
 
 
 @dataclass(frozen=True)
@@ -194,7 +200,12 @@ class _Parser:
                 raise self.fail("'}' closing the rule")
             key = self.word("a rule item (context, tag, silent, launched, when, then, launch, verdict)")
             if key == "context":
-                spec.context = self.word("a field name")
+                group = [self.word("a field name")]
+                while self.accept(","):
+                    group.append(self.word("a field name"))
+                if len(group) > P.MAX_GROUP:
+                    raise self.fail(f"at most {P.MAX_GROUP} context fields", tok)
+                spec.context = group[0] if len(group) == 1 else tuple(group)
             elif key == "tag":
                 spec.tags.append(self.string())
             elif key == "silent":
@@ -233,15 +244,55 @@ class _Parser:
             step.cond = self.expr()
         if self.accept("count"):
             tok = self.tok
-            n = self.integer()
-            if not 1 <= n <= P.MAX_COUNT:
-                raise self.fail(f"a count from 1 to {P.MAX_COUNT}", tok)
+            if tok.kind == "int":
+                n = self.integer()
+                if not 1 <= n <= P.MAX_COUNT:
+                    raise self.fail(f"a count from 1 to {P.MAX_COUNT}", tok)
+                bound = ir.Bound(n)
+            else:
+                bound = self.bound()
             self.expect("within")
-            step.count = (n, self.duration())
+            window = self.duration()
+            if bound.eager:
+                step.count = (bound.lo, window)
+            else:
+                step.agg = ir.Agg(window, bound)
+        elif self.accept("distinct"):
+            of = self.word("a field name (or type)")
+            bound = ir.Bound(self.integer()) if self.tok.kind == "int" else self.bound()
+            self.expect("within")
+            step.agg = ir.Agg(self.duration(), bound, of=of)
         if not first:
             self.expect("within")
             step.within = self.duration()
         return step
+
+    def bound(self) -> ir.Bound:
+        """``OP N [and OP N]...`` on a count, folded into one bound."""
+        start = self.tok
+        lo, hi, ne = 1, None, set()
+        while True:
+            tok = self.tok
+            if tok.kind != "op" or tok.text not in _COUNT_OPS:
+                raise self.fail("a count condition (>= > <= < == != followed by an integer)")
+            self.i += 1
+            num_tok = self.tok
+            n = self.integer()
+            if not 0 <= n <= P.MAX_COUNT:
+                raise self.fail(f"a count from 0 to {P.MAX_COUNT}", num_tok)
+            op = tok.text
+            if op in (">=", "==", ">"):
+                lo = max(lo, n + (op == ">"))
+            if op in ("<=", "==", "<"):
+                hi = min(hi if hi is not None else n, n - (op == "<"))
+            if op == "!=":
+                ne.add(n)
+            if not self.accept("and"):
+                break
+        bound = ir.Bound.of(lo, hi, ne)
+        if not bound.satisfiable:
+            raise self.fail("a condition that some count of at least 1 satisfies", start)
+        return bound
 
     # -- conditions ---------------------------------------------------------------------
     def expr(self) -> ir.Expr:

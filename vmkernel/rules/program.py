@@ -7,7 +7,7 @@ check for check, in the same order, so both reject the same bytes with the
 same ``(code, pc)``.  Layout (little-endian)::
 
     "VMKR"  u16 version  u16 flags
-    str name            u32 context field index (0xFFFFFFFF = none)
+    str name            u32 n, n x u32 context (group-by) field index
     u32 n, n x const    (u8 tag; str / i64 / regex str / cidr str / u32 k, k x str)
     u32 n, n x str      field names
     u32 n, n x str      event types the rule listens to (empty = every type)
@@ -24,6 +24,16 @@ needs and stay within the caps below, regexes compile and have no nested
 unbounded repetition, and timeouts are in ``1..=MAX_TIMEOUT_NS``.  Forward
 jumps bound each run between WAITs by ``len(code)`` steps: fuel is counted in
 instructions, never in wall-clock time.
+
+Aggregates (format version 2): ``AGG`` adds the event to a per-context
+counter slot (events, or distinct text values of a register) over a time
+window and writes the count, saturated at the instruction's cap, to a
+register; ``RESET`` clears a sliding slot; a deferred slot is a window that
+opens at its first event, and ``WINDOW`` ends the run and resumes it at the
+next instruction when the window closes, with the final count in a register.
+Every instruction naming a slot must agree on its kind, cap and window (the
+verifier checks this in pc order), so a slot's state has one shape and at
+most ``cap`` entries.
 """
 
 from __future__ import annotations
@@ -37,10 +47,14 @@ from typing import Any
 from vmkernel.errors import VerifyError, VersionMismatch
 
 __all__ = [
+    "AGG_DEFERRED",
+    "AGG_DISTINCT",
     "ANY_TYPES",
     "HALT_VERDICTS",
     "MAGIC",
+    "MAX_AGG_CAP",
     "MAX_CODE",
+    "MAX_GROUP",
     "MAX_TIMEOUT_NS",
     "OPCODES",
     "VERSION",
@@ -55,7 +69,7 @@ __all__ = [
 ]
 
 MAGIC = b"VMKR"
-VERSION = 1
+VERSION = 2
 FLAG_SILENT = 1
 FLAG_LAUNCHED = 2
 NO_INDEX = 0xFFFFFFFF
@@ -74,6 +88,8 @@ MAX_TAGS = 256
 MAX_PREFILTER = 65536
 MAX_COUNT = 4096
 MAX_SLOTS = 16
+MAX_AGG_CAP = MAX_COUNT + 1  # enough to decide any comparison with a threshold up to MAX_COUNT
+MAX_GROUP = 16  # context (group-by) fields
 NREGS = 16
 MAX_TIMEOUT_NS = 1 << 62
 
@@ -81,16 +97,21 @@ K_STR, K_INT, K_REGEX, K_CIDR, K_LIST = 1, 2, 3, 4, 5
 KIND_NAMES = {K_STR: "str", K_INT: "int", K_REGEX: "regex", K_CIDR: "cidr", K_LIST: "list"}
 
 # Opcodes.
-LOADF, LOADCTX, LOADTYPE = 0x01, 0x02, 0x03
+LOADF, LOADCTX, LOADTYPE, LOADK = 0x01, 0x02, 0x03, 0x04
 EQ, PREFIX, SUFFIX, CONTAINS, GLOB, REGEX, CMP, CIDR = 0x10, 0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x17
 EXISTS, ISNULL, INSET, ANYOF, ISTYPE = 0x18, 0x19, 0x1A, 0x1B, 0x1C
 NOT, JMP, JT, JF = 0x20, 0x21, 0x22, 0x23
 WAIT, LAUNCH, COUNT, HALT = 0x30, 0x31, 0x32, 0x3F
+AGG, WINDOW, RESET = 0x33, 0x34, 0x35
+# AGG's x operand: bits 0-3 slot, bits 4-7 value register, then these flags.
+AGG_DISTINCT = 0x100  # count distinct text values of the value register (else: events)
+AGG_DEFERRED = 0x200  # a window opened by its first event, decided when it closes (else: sliding)
 
 OPCODES: dict[int, str] = {
     LOADF: "loadf",
     LOADCTX: "loadctx",
     LOADTYPE: "loadtype",
+    LOADK: "loadk",
     EQ: "eq",
     PREFIX: "prefix",
     SUFFIX: "suffix",
@@ -111,6 +132,9 @@ OPCODES: dict[int, str] = {
     WAIT: "wait",
     LAUNCH: "launch",
     COUNT: "count",
+    AGG: "agg",
+    WINDOW: "window",
+    RESET: "reset",
     HALT: "halt",
 }
 MONITOR, MATCH, NO_MATCH = 0, 1, 2
@@ -151,14 +175,14 @@ class Program:
     launches: list[str] = field(default_factory=list)
     tags: list[str] = field(default_factory=list)
     prefilter: list[tuple[int, str]] = field(default_factory=list)
-    context: int | None = None
+    context: list[int] = field(default_factory=list)  # group-by field indices (empty: none)
     silent: bool = False
     launched: bool = False
     version: int = VERSION
 
     @property
-    def context_field(self) -> str | None:
-        return None if self.context is None else self.fields[self.context]
+    def context_fields(self) -> list[str]:
+        return [self.fields[i] for i in self.context]
 
 
 # --------------------------------------------------------------------------- encoding
@@ -177,7 +201,9 @@ def encode(p: Program) -> bytes:
         "<HH", p.version, (FLAG_SILENT if p.silent else 0) | (FLAG_LAUNCHED if p.launched else 0)
     )
     _str(out, p.name)
-    out += struct.pack("<I", NO_INDEX if p.context is None else p.context)
+    out += struct.pack("<I", len(p.context))
+    for fid in p.context:
+        out += struct.pack("<I", fid)
     out += struct.pack("<I", len(p.consts))
     for c in p.consts:
         out.append(c.kind)
@@ -375,7 +401,7 @@ def decode(data: bytes) -> Program:
             "bad-flags", -1, f"flags {flags:#x}, expected only bits 0x1 (silent) and 0x2 (launched)"
         )
     name = rd.str("rule name", 1024)
-    context = rd.u32("context field")
+    context = [rd.u32(f"context field {j}") for j in range(rd.count("context field count", MAX_GROUP))]
     consts: list[Const] = []
     for i in range(rd.count("constant count", MAX_CONSTS)):
         tag = rd.u8(f"tag of constant {i}")
@@ -429,8 +455,9 @@ def decode(data: bytes) -> Program:
         raise VerifyError(
             "trailing-bytes", -1, f"{len(rd.data) - rd.pos} bytes after the code, expected none"
         )
-    if context != NO_INDEX and context >= len(fields):
-        raise VerifyError("bad-field", -1, f"context field {context}, expected below {len(fields)} or none")
+    for j, fid in enumerate(context):
+        if fid >= len(fields):
+            raise VerifyError("bad-field", -1, f"context field {j} is {fid}, expected below {len(fields)}")
     code = [Instr(*_INSTR.unpack_from(raw, pc * INSTR_SIZE)) for pc in range(n_code)]
     prog = Program(
         name=name,
@@ -441,7 +468,7 @@ def decode(data: bytes) -> Program:
         launches=launches,
         tags=tags,
         prefilter=prefilter,
-        context=None if context == NO_INDEX else context,
+        context=context,
         silent=bool(flags & FLAG_SILENT),
         launched=bool(flags & FLAG_LAUNCHED),
     )
@@ -496,6 +523,23 @@ def verify_code(p: Program) -> None:
         if not 1 <= value <= MAX_TIMEOUT_NS:
             raise _fail("bad-timeout", pc, f"timeout {value} ns, expected 1..={MAX_TIMEOUT_NS}")
 
+    # slot -> (kind, flags, cap, window) of the first instruction that names it (0 count, 1 agg)
+    slots: dict[int, tuple[int, int, int, int]] = {}
+
+    def slot_use(pc: int, slot: int, sig: tuple[int, int, int, int]) -> None:
+        have = slots.setdefault(slot, sig)
+        if have != sig:
+            raise _fail(
+                "bad-counter",
+                pc,
+                f"slot {slot} was used with another kind, cap or window before, expected one per slot",
+            )
+
+    def slot_of(pc: int, slot: int) -> tuple[int, int, int, int] | None:
+        if slot >= MAX_SLOTS:
+            raise _fail("bad-counter", pc, f"counter slot {slot}, expected below {MAX_SLOTS}")
+        return slots.get(slot)
+
     for pc, ins in enumerate(code):
         op = ins.op
         if op not in OPCODES:
@@ -513,6 +557,13 @@ def verify_code(p: Program) -> None:
             if op == LOADF and ins.a >= len(p.fields):
                 raise _fail("bad-field", pc, f"field {ins.a}, expected below {len(p.fields)}")
             if ins.x or ins.imm or (op != LOADF and ins.a):
+                raise _fail("bad-operand", pc, "unused operands set, expected zero")
+            defs = 1 << ins.r
+        elif op == LOADK:
+            if ins.r >= NREGS:
+                raise _fail("bad-register", pc, f"register {ins.r}, expected below {NREGS}")
+            const_of(pc, ins, (K_STR, K_INT))
+            if ins.x or ins.imm:
                 raise _fail("bad-operand", pc, "unused operands set, expected zero")
             defs = 1 << ins.r
         elif EQ <= op <= ISNULL or op in (INSET, ANYOF):
@@ -574,7 +625,42 @@ def verify_code(p: Program) -> None:
             if ins.r:
                 raise _fail("bad-operand", pc, "unused operands set, expected zero")
             timeout(pc, ins.imm)
+            slot_use(pc, ins.x, (0, 0, ins.a, ins.imm))
             defs = FLAG_BIT
+        elif op == AGG:
+            if ins.r >= NREGS:
+                raise _fail("bad-register", pc, f"register {ins.r}, expected below {NREGS}")
+            distinct = bool(ins.x & AGG_DISTINCT)
+            if ins.x & ~(0xFF | AGG_DISTINCT | AGG_DEFERRED) or (not distinct and ins.x & 0xF0):
+                raise _fail(
+                    "bad-operand",
+                    pc,
+                    f"agg operand {ins.x:#x}, expected a slot, a value register (distinct only) "
+                    "and flags 0x100 (distinct), 0x200 (deferred)",
+                )
+            if not 1 <= ins.a <= MAX_AGG_CAP:
+                raise _fail("bad-counter", pc, f"cap {ins.a}, expected 1..={MAX_AGG_CAP}")
+            timeout(pc, ins.imm)
+            slot_use(pc, ins.x & 0xF, (1, ins.x >> 8, ins.a, ins.imm))
+            if distinct:
+                uses = 1 << ((ins.x >> 4) & 0xF)
+            defs = 1 << ins.r
+        elif op in (WINDOW, RESET):
+            if op == WINDOW and ins.r >= NREGS:
+                raise _fail("bad-register", pc, f"register {ins.r}, expected below {NREGS}")
+            sig = slot_of(pc, ins.x)
+            if ins.a or ins.imm or (op == RESET and ins.r):
+                raise _fail("bad-operand", pc, "unused operands set, expected zero")
+            if op == WINDOW and (sig is None or sig[0] != 1 or not sig[1] & (AGG_DEFERRED >> 8)):
+                raise _fail(
+                    "bad-counter", pc, f"window on slot {ins.x}, expected a slot of an earlier deferred agg"
+                )
+            if op == RESET and (sig is None or (sig[0] == 1 and sig[1] & (AGG_DEFERRED >> 8))):
+                raise _fail(
+                    "bad-counter",
+                    pc,
+                    f"reset of slot {ins.x}, expected a slot of an earlier count or sliding agg",
+                )
         elif op == HALT:
             if ins.x > NO_MATCH:
                 raise _fail(
@@ -583,7 +669,8 @@ def verify_code(p: Program) -> None:
             if ins.r or ins.a or ins.imm:
                 raise _fail("bad-operand", pc, "unused operands set, expected zero")
         if uses & ~mask:
-            what = "the test flag" if uses & ~mask & FLAG_BIT else f"register {ins.r}"
+            reg = (ins.x >> 4) & 0xF if op == AGG else ins.r
+            what = "the test flag" if uses & ~mask & FLAG_BIT else f"register {reg}"
             raise _fail("undefined-register", pc, f"{what} is read before it is written on some path")
         out = mask | defs
         if op in (JMP, JT, JF):
@@ -596,6 +683,8 @@ def verify_code(p: Program) -> None:
                 merge(pc + 1, out)
         elif op == WAIT:
             merge(pc + 1, 0)
+        elif op == WINDOW:
+            merge(pc + 1, 1 << ins.r)  # the run ends here; it resumes at the close with the count
         elif op != HALT:
             merge(pc + 1, out)
     if code[-1].op != HALT:

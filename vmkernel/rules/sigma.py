@@ -6,11 +6,19 @@ it as ``sigma.backends.vmkernel``, so ``sigma convert -t vmkernel`` and
 processing pipelines (field mappings); the backend turns the parsed condition
 into :mod:`vmkernel.rules.ir` trees and lays out one program per rule.  The
 log source becomes the rule's event types (``product/category`` or
-``product/service``).  Correlation rules map to the VM: ``event_count`` to a
-bounded counter, ``temporal_ordered`` to a sequence of WAITs, both keyed by
-the single ``group-by`` field as context.  Whatever cannot be translated
-(field references, unordered correlations, nested-repetition regexes ...)
-raises :class:`SigmaFeatureNotSupportedByBackendError` with the reason;
+``product/service``).  Correlation rules map to the VM with the ``group-by``
+fields as the context (the group key): ``event_count`` counts events,
+``value_count`` distinct values of its field, ``temporal`` distinct
+referenced rules (each tagged), all over a window per group; a condition
+with a lower limit only fires at the event that reaches it, any other
+(``lt``, ``lte``, ``eq``, ``neq``, ranges) when the window closes.
+``temporal_ordered`` becomes a sequence of WAITs.  A referenced correlation
+is inlined as a part that takes part when it fires (same group-by, lower
+limit only).  Range conditions (several operators) are read by
+:func:`prepare_documents` before pySigma, which accepts one operator only.
+Whatever cannot be translated (field references, aliases, extended boolean
+conditions, value_sum and friends, nested-repetition regexes ...) raises
+:class:`SigmaFeatureNotSupportedByBackendError` with the reason;
 :func:`compile_collection` reports every rule as compiled or rejected,
 never silently dropped.
 """
@@ -22,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+import yaml
 from sigma.collection import SigmaCollection
 from sigma.conditions import (
     ConditionAND,
@@ -32,7 +41,12 @@ from sigma.conditions import (
 )
 from sigma.conversion.base import Backend
 from sigma.conversion.state import ConversionState
-from sigma.correlations import SigmaCorrelationConditionOperator, SigmaCorrelationRule
+from sigma.correlations import (
+    SigmaCorrelationCondition,
+    SigmaCorrelationRule,
+    SigmaCorrelationType,
+    SigmaExtendedCorrelationCondition,
+)
 from sigma.exceptions import SigmaError, SigmaFeatureNotSupportedByBackendError
 from sigma.processing.pipeline import ProcessingPipeline
 from sigma.rule import SigmaRule
@@ -56,7 +70,14 @@ from vmkernel.rules import ir
 from vmkernel.rules import program as P
 from vmkernel.rules.asm import disassemble
 
-__all__ = ["SigmaResult", "VmkernelBackend", "compile_collection", "compile_sigma_text", "logsource_types"]
+__all__ = [
+    "SigmaResult",
+    "VmkernelBackend",
+    "compile_collection",
+    "compile_sigma_text",
+    "logsource_types",
+    "prepare_documents",
+]
 
 _EXPAND = {
     "registry_event": [
@@ -250,7 +271,9 @@ class VmkernelBackend(Backend):
         "default": "annotated program listing",
         "program": "program bytes for vmkernel.fast.RuleEngine",
     }
-    correlation_methods: ClassVar[dict[str, str] | None] = {"default": "counters and WAIT sequences"}
+    correlation_methods: ClassVar[dict[str, str] | None] = {
+        "default": "counters, distinct-value windows and WAIT sequences"
+    }
     requires_pipeline: ClassVar[bool] = False
 
     def convert_condition(self, cond: Any, state: ConversionState) -> Any:
@@ -287,57 +310,243 @@ class VmkernelBackend(Backend):
         return queries
 
     # -- correlations -------------------------------------------------------------
-    def _refs(self, rule: SigmaCorrelationRule) -> list[tuple[list[str], ir.Expr]]:
-        out = []
-        for ref in rule.rules or []:
-            base = ref.rule
-            if not isinstance(base, SigmaRule):
-                raise _unsupported("correlation of a correlation")
+    def _item(self, ref: Any, group: tuple[str, ...], depth: int) -> tuple[list[str], ir.Expr | ir.Agg]:
+        """A referenced rule as a part: its log-source types and its condition, or (a chained
+        correlation) an aggregate that takes part when it fires."""
+        base = ref.rule
+        if isinstance(base, SigmaRule):
             results = base.get_conversion_result()
             if len(results) != 1 or not isinstance(results[0], _Query):
                 raise _unsupported(f"referenced rule {base.title!r} did not convert to one condition")
-            out.append((logsource_types(base.logsource), results[0].expr))
-        return out
+            types = logsource_types(base.logsource)
+            return types, _typed(results[0].expr, types)
+        if not isinstance(base, SigmaCorrelationRule):
+            raise _unsupported(f"reference {ref.reference!r} is neither a rule nor a correlation")
+        kind = base.type.name.lower()
+        if base.type not in _AGGREGATES:
+            raise _unsupported(
+                f"referenced {kind} correlation {base.title!r}: only event_count, value_count and temporal "
+                "correlations can feed another correlation"
+            )
+        if set(_group(base)) != set(group):
+            raise _unsupported(
+                f"referenced correlation {base.title!r} groups by {list(_group(base))}, expected the same "
+                f"group-by as the correlation using it ({list(group)})"
+            )
+        types, agg = self._agg(base, depth + 1)
+        if not agg.bound.eager:
+            raise _unsupported(
+                f"referenced correlation {base.title!r} has an upper limit or an excluded count, so it is "
+                "decided only when its window closes and cannot feed another correlation"
+            )
+        return types, agg
 
-    def _context(self, rule: SigmaCorrelationRule) -> str | None:
-        group = rule.group_by or []
-        if len(group) > 1:
-            raise _unsupported(f"group-by on {len(group)} fields, expected at most one (the context field)")
-        return group[0] if group else None
+    def _parts(
+        self, rule: SigmaCorrelationRule, depth: int
+    ) -> tuple[list[str], list[tuple[str, Any]], list[list[str]]]:
+        if isinstance(rule.condition, SigmaExtendedCorrelationCondition):
+            raise _unsupported("extended (boolean) correlation conditions")
+        if rule.aliases is not None and len(rule.aliases):
+            raise _unsupported(
+                "group-by aliases (a field name per referenced rule) are not mapped: the group key "
+                "is read from the same fields in every event"
+            )
+        if depth > ir.MAX_AGG_DEPTH:
+            raise _unsupported(f"correlations chained more than {ir.MAX_AGG_DEPTH} deep")
+        group = _group(rule)
+        parts: list[tuple[str, Any]] = []
+        part_types: list[list[str]] = []
+        all_types: list[str] = []
+        for k, ref in enumerate(rule.rules or []):
+            types, item = self._item(ref, group, depth)
+            name = _rule_name(ref.rule) if isinstance(ref.rule, (SigmaRule, SigmaCorrelationRule)) else str(k)
+            parts.append((name, item))
+            part_types.append(types)
+            all_types.extend(t for t in types if t not in all_types)
+        if not parts:
+            raise _unsupported("a correlation without referenced rules")
+        return ([] if not all(part_types) else sorted(all_types)), parts, part_types
 
-    def convert_correlation_event_count_rule(
-        self, rule: SigmaCorrelationRule, output_format: str | None = None, method: str = "default"
-    ) -> list[Any]:
-        cond = rule.condition
-        if getattr(cond, "op", None) != SigmaCorrelationConditionOperator.GTE:
-            raise _unsupported("event_count conditions other than gte")
-        refs = self._refs(rule)
-        types = sorted({t for ts, _ in refs for t in ts}) if all(ts for ts, _ in refs) else []
-        expr = (
-            ir.Or(tuple(_typed(e, ts) for ts, e in refs)) if len(refs) > 1 else _typed(refs[0][1], refs[0][0])
-        )
+    def _agg(self, rule: SigmaCorrelationRule, depth: int) -> tuple[list[str], ir.Agg]:
+        types, parts, _ = self._parts(rule, depth)
+        span = _span(rule)
+        if rule.type == SigmaCorrelationType.TEMPORAL:
+            tags = [name for name, _ in parts]
+            if len(set(tags)) != len(tags):
+                parts = [(str(k), item) for k, (_, item) in enumerate(parts)]
+            return types, ir.Agg(span, _bound(rule, len(parts)), parts=tuple(parts), distinct_parts=True)
+        bound = _bound(rule, None)
+        if rule.type == SigmaCorrelationType.VALUE_COUNT:
+            ref = getattr(rule.condition, "fieldref", None)
+            fields = [ref] if isinstance(ref, str) else list(ref or [])
+            if len(fields) != 1:
+                raise _unsupported(f"value_count over {len(fields)} fields, expected exactly one field")
+            return types, ir.Agg(span, bound, of=fields[0], parts=tuple(parts))
+        return types, ir.Agg(span, bound, parts=tuple(parts))
+
+    def _correlation(self, rule: SigmaCorrelationRule) -> list[Any]:
+        types, agg = self._agg(rule, 0)
         spec = ir.RuleSpec(
             _rule_name(rule),
-            [
-                ir.Step(
-                    tuple(types) or None,
-                    expr,
-                    count=(int(getattr(cond, "count", 1)), rule.timespan.seconds * 10**9),
-                )
-            ],
-            context=self._context(rule),
+            [ir.Step(tuple(types) or None, agg=agg)],
+            context=_group(rule) or None,
             tags=_tags(rule),
         )
         return [self._program(rule, spec)]
 
+    def convert_correlation_event_count_rule(
+        self, rule: SigmaCorrelationRule, output_format: str | None = None, method: str = "default"
+    ) -> list[Any]:
+        return self._correlation(rule)
+
+    def convert_correlation_value_count_rule(
+        self, rule: SigmaCorrelationRule, output_format: str | None = None, method: str = "default"
+    ) -> list[Any]:
+        return self._correlation(rule)
+
+    def convert_correlation_temporal_rule(
+        self, rule: SigmaCorrelationRule, output_format: str | None = None, method: str = "default"
+    ) -> list[Any]:
+        return self._correlation(rule)
+
     def convert_correlation_temporal_ordered_rule(
         self, rule: SigmaCorrelationRule, output_format: str | None = None, method: str = "default"
     ) -> list[Any]:
-        refs = self._refs(rule)
-        span = rule.timespan.seconds * 10**9
-        steps = [ir.Step(tuple(ts) or None, e, within=span if k else None) for k, (ts, e) in enumerate(refs)]
-        spec = ir.RuleSpec(_rule_name(rule), steps, context=self._context(rule), tags=_tags(rule))
+        _, parts, part_types = self._parts(rule, 0)
+        bound = _bound(rule, len(parts))
+        if not (bound.eager and bound.lo == len(parts)):
+            raise _unsupported(
+                f"temporal_ordered condition {_conditions(rule)}: only all {len(parts)} rules in order "
+                "can be matched as a sequence"
+            )
+        span = _span(rule)
+        steps = []
+        for k, ((_, item), ts) in enumerate(zip(parts, part_types, strict=True)):
+            item_types = tuple(ts) or None
+            within = span if k else None
+            if isinstance(item, ir.Agg):
+                steps.append(ir.Step(item_types, agg=item, within=within))
+            else:
+                if isinstance(item, ir.And) and len(item.items) == 2 and isinstance(item.items[0], ir.IsType):
+                    item = item.items[1]  # the step (its WAIT) already tests the types
+                steps.append(ir.Step(item_types, item, within=within))
+        spec = ir.RuleSpec(_rule_name(rule), steps, context=_group(rule) or None, tags=_tags(rule))
         return [self._program(rule, spec)]
+
+    def _extended(self, rule: SigmaCorrelationRule, output_format: str | None, ordered: bool) -> list[Any]:
+        raise _unsupported(
+            f"extended (boolean) {'temporal_ordered' if ordered else 'temporal'} condition "
+            f"{getattr(rule.condition, 'expression', '?')!r}: a pySigma extension, not part of the Sigma "
+            "correlation specification; use a count condition (gte, lt, ...) instead"
+        )
+
+    def convert_correlation_extended_temporal_rule(
+        self, rule: SigmaCorrelationRule, output_format: str | None = None, method: str = "default"
+    ) -> list[Any]:
+        return self._extended(rule, output_format, False)
+
+    def convert_correlation_extended_temporal_ordered_rule(
+        self, rule: SigmaCorrelationRule, output_format: str | None = None, method: str = "default"
+    ) -> list[Any]:
+        return self._extended(rule, output_format, True)
+
+    def _metric(self, rule: SigmaCorrelationRule, *args: Any, **kwargs: Any) -> list[Any]:
+        raise _unsupported(
+            f"correlation type {rule.type.name.lower()}: a pySigma extension, not part of the Sigma "
+            "correlation specification (event_count, value_count, temporal, temporal_ordered)"
+        )
+
+    convert_correlation_value_sum_rule = _metric
+    convert_correlation_value_avg_rule = _metric
+    convert_correlation_value_percentile_rule = _metric
+    convert_correlation_value_median_rule = _metric
+
+
+#: Correlation types that are counts, so that one can feed another correlation when it fires.
+_AGGREGATES = (
+    SigmaCorrelationType.EVENT_COUNT,
+    SigmaCorrelationType.VALUE_COUNT,
+    SigmaCorrelationType.TEMPORAL,
+)
+_OPS = ("gt", "gte", "lt", "lte", "eq", "neq")
+#: Where :func:`prepare_documents` keeps a range condition (several operators) pySigma cannot parse.
+RANGE_KEY = "_vmkernel_condition"
+
+
+def _group(rule: SigmaCorrelationRule) -> tuple[str, ...]:
+    group = tuple(rule.group_by or ())
+    if len(group) > P.MAX_GROUP:
+        raise _unsupported(f"group-by on {len(group)} fields, expected at most {P.MAX_GROUP}")
+    return group
+
+
+def _span(rule: SigmaCorrelationRule) -> int:
+    span = int(rule.timespan.seconds) * 10**9
+    if not 1 <= span <= P.MAX_TIMEOUT_NS:
+        raise _unsupported(f"timespan {rule.timespan.spec!r}, expected 1 s to {P.MAX_TIMEOUT_NS // 10**9} s")
+    return span
+
+
+def _conditions(rule: SigmaCorrelationRule) -> dict[str, Any]:
+    full = (getattr(rule, "custom_attributes", None) or {}).get(RANGE_KEY)
+    if isinstance(full, dict):
+        return {k: v for k, v in full.items() if k in _OPS}
+    cond = rule.condition
+    if not isinstance(cond, SigmaCorrelationCondition):
+        raise _unsupported("extended (boolean) correlation conditions")
+    return {cond.op.name.lower(): cond.count}
+
+
+def _bound(rule: SigmaCorrelationRule, domain: int | None) -> ir.Bound:
+    """The correlation's condition as a bound on counts of at least 1; with ``domain`` (the number of
+    referenced rules of a temporal correlation) counts are at most that, and a condition that holds
+    for every count from some value up to it becomes a lower limit, decided at once."""
+    conds = _conditions(rule)
+    lo, hi, ne = 1, None, set()
+    for op, v in conds.items():
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise _unsupported(f"condition {op}: {v!r}, expected an integer count")
+        if v > P.MAX_COUNT:
+            raise _unsupported(f"condition {op}: {v}, expected at most {P.MAX_COUNT}")
+        if op in ("gte", "eq", "gt"):
+            lo = max(lo, v + (op == "gt"))
+        if op in ("lte", "eq", "lt"):
+            hi = min(hi if hi is not None else v, v - (op == "lt"))
+        if op == "neq":
+            ne.add(v)
+    raw = ir.Bound(lo, hi, tuple(sorted(ne)))
+    if domain is not None:
+        ok = [k for k in range(1, domain + 1) if raw.holds(k)]
+        if not ok:
+            raise _unsupported(f"condition {conds} can never hold with {domain} referenced rules")
+        if ok == list(range(ok[0], domain + 1)):
+            return ir.Bound(ok[0])
+        return ir.Bound(ok[0], ok[-1], tuple(k for k in range(ok[0], ok[-1] + 1) if k not in ok))
+    bound = ir.Bound.of(lo, hi, ne)
+    if not bound.satisfiable:
+        raise _unsupported(f"condition {conds} can never hold: a window holds at least one event")
+    return bound
+
+
+def prepare_documents(docs: list[Any]) -> list[Any]:
+    """Sigma documents with range conditions (``gt: 100`` and ``lte: 200`` in one correlation
+    condition, which the specification allows and pySigma does not parse) kept aside under
+    :data:`RANGE_KEY`; pySigma then sees the first operator only."""
+    out = []
+    for doc in docs:
+        corr = doc.get("correlation") if isinstance(doc, dict) else None
+        cond = corr.get("condition") if isinstance(corr, dict) else None
+        ops = [k for k in cond if k in _OPS] if isinstance(cond, dict) else []
+        if len(ops) > 1 and isinstance(cond, dict) and isinstance(corr, dict) and isinstance(doc, dict):
+            first = {k: v for k, v in cond.items() if k not in _OPS or k == ops[0]}
+            doc = {**doc, "correlation": {**corr, "condition": first}, RANGE_KEY: dict(cond)}
+        out.append(doc)
+    return out
+
+
+def _from_yaml(text: str, *, collect_errors: bool = False) -> SigmaCollection:
+    docs = prepare_documents(list(yaml.safe_load_all(text)))
+    return SigmaCollection.from_dicts(docs, collect_errors=collect_errors)
 
 
 def _not_mapped(what: str) -> Any:
@@ -370,10 +579,6 @@ class SigmaResult:
     reason: str | None = None
 
 
-def _collection(texts: list[tuple[str | None, str]]) -> SigmaCollection:
-    return SigmaCollection.merge([SigmaCollection.from_yaml(t, collect_errors=True) for _, t in texts])
-
-
 def compile_collection(
     sources: list[str | Path], pipeline: ProcessingPipeline | None = None
 ) -> list[SigmaResult]:
@@ -386,8 +591,8 @@ def compile_collection(
     rules: list[tuple[Path, Any]] = []
     for path in paths:
         try:
-            coll = SigmaCollection.from_yaml(path.read_text(encoding="utf-8"), collect_errors=True)
-        except (SigmaError, OSError, UnicodeDecodeError, ValueError) as exc:
+            coll = _from_yaml(path.read_text(encoding="utf-8"), collect_errors=True)
+        except (SigmaError, OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as exc:
             results.append(SigmaResult(path.stem, path.stem, str(path), None, f"unreadable: {exc}"))
             continue
         for r in coll.rules:
@@ -402,13 +607,22 @@ def compile_collection(
     merged.resolve_rule_references()
     backend = VmkernelBackend(pipeline)  # type: ignore[abstract]  # filled in below the class
     backend.init_processing_pipeline("program")
-    # base rules first, so correlations find their conversion results
-    order = sorted(range(len(rules)), key=lambda i: isinstance(rules[i][1], SigmaCorrelationRule))
+    # base rules first, so correlations find their conversion results; correlations in the resolved
+    # order (a referenced correlation before the ones using it)
+    pos = {id(r): k for k, r in enumerate(merged.rules)}
+    order = sorted(
+        range(len(rules)),
+        key=lambda i: (
+            (1, pos.get(id(rules[i][1]), i)) if isinstance(rules[i][1], SigmaCorrelationRule) else (0, 0)
+        ),
+    )
     for i in order:
         path, r = rules[i]
         try:
             if isinstance(r, SigmaCorrelationRule):
                 out = backend.convert_correlation_rule(r, "program")
+                if r._backreferences and not out:
+                    out = list(r.get_conversion_result())
             else:
                 out = backend.convert_rule(r, "program")
                 if r._backreferences and not out:
@@ -436,7 +650,7 @@ def compile_sigma_text(
     if not isinstance(text, str):
         raise RuleCompileError(source, text, "Sigma YAML text as a str")
     try:
-        coll = SigmaCollection.from_yaml(text)
+        coll = _from_yaml(text)
         backend = VmkernelBackend(pipeline)  # type: ignore[abstract]  # filled in below the class
         out = backend.convert(coll, "program")
     except (SigmaError, NotImplementedError) as exc:

@@ -11,5 +11,6 @@ pub mod batch;
 pub mod blockcrc;
 pub mod journal_chain;
 pub mod mmu;
+pub mod nbd;
 pub mod prefilter;
 pub mod rulevm;

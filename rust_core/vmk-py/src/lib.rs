@@ -16,6 +16,7 @@ mod errors;
 // One line per wrapped vmk-core module.
 mod blockcrc;
 mod journal_chain;
+mod nbd;
 mod prefilter;
 mod processor;
 mod rulevm;
@@ -26,6 +27,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     // One line per wrapped vmk-core module.
     blockcrc::register(m)?;
     journal_chain::register(m)?;
+    nbd::register(m)?;
     prefilter::register(m)?;
     processor::register(m)?;
     rulevm::register(m)?;

@@ -410,18 +410,40 @@ impl PyRuleEngine {
         self.engine().live_instances()
     }
 
-    /// Per rule: runs, steps, skipped (pre-filter), matches, no_matches, silent, expired, evicted, live.
+    /// Per rule: runs, steps, skipped (pre-filter), matches, no_matches, silent, expired, evicted,
+    /// live, windows.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let out = PyDict::new(py);
-        for (name, s, live) in self.engine().stats() {
+        for (name, s, live, windows) in self.engine().stats() {
             let d = PyDict::new(py);
             for (k, v) in STAT_NAMES.iter().zip(s) {
                 d.set_item(k, v)?;
             }
             d.set_item("live", live)?;
+            d.set_item("windows", windows)?;
             out.set_item(name, d)?;
         }
         Ok(out)
+    }
+
+    /// Closes every window that ended before ``now_ns``; returns the determinations.
+    fn advance(
+        &self,
+        py: Python<'_>,
+        now_ns: &Bound<'_, PyAny>,
+    ) -> PyResult<Vec<Py<PyDetermination>>> {
+        let now = match now_ns.extract::<i64>() {
+            Ok(v) if now_ns.is_instance_of::<PyInt>() && !now_ns.is_instance_of::<PyBool>() => v,
+            _ => {
+                return Err(invalid_argument(
+                    "now_ns",
+                    now_ns.clone().unbind(),
+                    "an int number of ns (64-bit)",
+                ))
+            }
+        };
+        let dets = self.engine().advance(now);
+        self.wrap(py, dets)
     }
 
     fn __repr__(&self) -> String {

@@ -41,8 +41,10 @@ fuzz_target!(|data: &[u8]| {
     let Ok(mut engine) = Engine::new(vec![prog], 4) else { return };
     let events: Vec<Event> = script.chunks(8).enumerate().map(|(i, c)| event(i, c)).collect();
     let _ = engine.feed(&events);
-    for (_, stats, live) in engine.stats() {
+    let _ = engine.advance(i64::MAX);
+    for (_, stats, live, windows) in engine.stats() {
         assert!(stats[1] <= stats[0] * len, "fuel bound exceeded");
         assert!(live <= 4);
+        assert!(windows == 0, "advance(i64::MAX) leaves no window open");
     }
 });

@@ -7,7 +7,9 @@
 //! every rule with pre-filter literals shares one Aho-Corasick automaton per
 //! field, run once per event over the lowercased field text, so most rules
 //! are ruled out without running a single instruction. Lowercased field text
-//! is computed at most once per event. Instance state is bounded per rule.
+//! is computed at most once per event. Instance state is bounded per rule:
+//! instances, counters and windows each at most `max_instances`, and each
+//! counter or window at most its `AGG` cap entries.
 
 use std::cell::OnceCell;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -18,7 +20,8 @@ use std::sync::Arc;
 use aho_corasick::AhoCorasick;
 
 use super::program::{
-    op, Cidr, Const, Instr, Program, VerifyError, MATCH, MONITOR, NO_INDEX, NREGS,
+    op, Cidr, Const, Instr, Program, VerifyError, AGG_DEFERRED, AGG_DISTINCT, MATCH, MONITOR,
+    NO_INDEX, NREGS,
 };
 use super::value::{glob_match, glob_tokens, lower, GTok, Scalar, Value};
 
@@ -129,7 +132,8 @@ struct Rule {
     consts: Vec<PConst>,
     /// Local field index -> global field id.
     gfields: Vec<u32>,
-    context: Option<u32>,
+    /// Global field ids of the context (group-by) fields.
+    context: Vec<u32>,
     launch_targets: Vec<u32>,
     has_prefilter: bool,
     /// Type lists of ISTYPE / WAIT constants, by constant index.
@@ -149,8 +153,45 @@ struct Instance {
 
 struct Counter {
     created: u64,
+    /// Event times (COUNT, events AGG).
     times: Vec<i64>,
+    /// Distinct values with the time each was last seen (distinct AGG), first seen first.
+    values: Vec<(String, i64)>,
 }
+
+/// A deferred aggregate's open window in one context.
+struct Window {
+    open_time: i64,
+    span: u64,
+    cap: u32,
+    distinct: bool,
+    first_time: i64,
+    chain: Vec<u64>,
+    count: u32,
+    values: Vec<String>,
+    created: u64,
+    /// pc of the WINDOW instruction a run stopped at.
+    resume: Option<usize>,
+}
+
+impl Window {
+    fn due(&self, now: i64) -> bool {
+        i128::from(now) - i128::from(self.open_time) > i128::from(self.span)
+    }
+    fn end(&self) -> i128 {
+        i128::from(self.open_time) + i128::from(self.span)
+    }
+    fn size(&self) -> u32 {
+        if self.distinct {
+            u32::try_from(self.values.len()).unwrap_or(u32::MAX)
+        } else {
+            self.count
+        }
+    }
+}
+
+/// The "event number" of a run without an event (a window close).
+const NO_SEQ: u64 = u64::MAX;
 
 struct PfGroup {
     gid: u32,
@@ -173,6 +214,9 @@ pub struct Engine {
     live: Vec<HashMap<String, BTreeMap<i64, Instance>>>,
     live_count: Vec<usize>,
     counters: Vec<HashMap<(String, u16), Counter>>,
+    /// Deferred aggregates: context key -> slot -> open window.
+    windows: Vec<HashMap<String, BTreeMap<u16, Window>>>,
+    win_count: Vec<usize>,
     created: u64,
     seq: u64,
     steps: u64,
@@ -199,6 +243,40 @@ enum Reg {
     Star,
     Ctx,
     Type,
+    /// A count (at most an AGG cap).
+    Num(u32),
+    /// A constant (str or int), by constant index.
+    Lit(u32),
+}
+
+/// The context key of an event: one field's value, or the compact JSON array of several.
+fn json_key(parts: &[String]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::from("[");
+    for (i, p) in parts.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push('"');
+        for c in p.chars() {
+            match c {
+                '"' => out.push_str("\\\""),
+                '\\' => out.push_str("\\\\"),
+                '\n' => out.push_str("\\n"),
+                '\r' => out.push_str("\\r"),
+                '\t' => out.push_str("\\t"),
+                '\u{8}' => out.push_str("\\b"),
+                '\u{c}' => out.push_str("\\f"),
+                c if (c as u32) < 0x20 => {
+                    let _ = write!(out, "\\u{:04x}", c as u32);
+                }
+                c => out.push(c),
+            }
+        }
+        out.push('"');
+    }
+    out.push(']');
+    out
 }
 
 /// Per-event view: field lookup and lazily lowercased text.
@@ -209,6 +287,8 @@ struct EvView<'a> {
     lowered: Vec<OnceCell<Vec<String>>>,
     star_lowered: OnceCell<Vec<String>>,
     type_val: Value,
+    /// A window close: no event (no fields, no type).
+    no_event: bool,
 }
 
 impl EvView<'_> {
@@ -247,7 +327,7 @@ struct Frame<'a> {
 
 impl Frame<'_> {
     /// Any element of `reg` satisfies `f`.
-    fn any_elem(&self, reg: Reg, f: &mut dyn FnMut(&Scalar) -> bool) -> bool {
+    fn any_elem(&self, reg: Reg, lits: &[PConst], f: &mut dyn FnMut(&Scalar) -> bool) -> bool {
         match reg {
             Reg::Absent => false,
             Reg::Field(i) => self.view.ev.fields[i as usize].1.elems().iter().any(f),
@@ -262,23 +342,41 @@ impl Frame<'_> {
                 .as_ref()
                 .is_some_and(|v| v.elems().iter().any(f)),
             Reg::Type => self.view.type_val.elems().iter().any(f),
+            Reg::Num(n) => f(&Scalar::Int(i64::from(n))),
+            Reg::Lit(i) => match lits.get(i as usize) {
+                Some(PConst::Str { plain, .. }) => f(&Scalar::Str(plain.clone())),
+                Some(PConst::Int(n)) => f(&Scalar::Int(*n)),
+                _ => false,
+            },
         }
     }
 
     /// Any lowercased text view of `reg` satisfies `f`.
-    fn any_lowered(&self, reg: Reg, f: &mut dyn FnMut(&str) -> bool) -> bool {
+    fn any_lowered(&self, reg: Reg, lits: &[PConst], f: &mut dyn FnMut(&str) -> bool) -> bool {
         match reg {
             Reg::Absent => false,
             Reg::Field(i) => self.view.lowered_of(i).iter().any(|s| f(s)),
             Reg::Star => self.view.star_lowered().iter().any(|s| f(s)),
-            Reg::Ctx | Reg::Type => {
-                self.any_elem(reg, &mut |s| s.text().is_some_and(|t| f(&lower(&t))))
+            Reg::Ctx | Reg::Type | Reg::Num(_) | Reg::Lit(_) => {
+                self.any_elem(reg, lits, &mut |s| s.text().is_some_and(|t| f(&lower(&t))))
             }
         }
     }
 
-    fn any_text(&self, reg: Reg, f: &mut dyn FnMut(&str) -> bool) -> bool {
-        self.any_elem(reg, &mut |s| s.text().is_some_and(|t| f(&t)))
+    fn any_text(&self, reg: Reg, lits: &[PConst], f: &mut dyn FnMut(&str) -> bool) -> bool {
+        self.any_elem(reg, lits, &mut |s| s.text().is_some_and(|t| f(&t)))
+    }
+
+    /// The text views of `reg`'s elements, in order (the values a distinct AGG adds).
+    fn texts(&self, reg: Reg, lits: &[PConst]) -> Vec<String> {
+        let mut out = Vec::new();
+        self.any_elem(reg, lits, &mut |s| {
+            if let Some(t) = s.text() {
+                out.push(t.into_owned());
+            }
+            false
+        });
+        out
     }
 
     fn exists(&self, reg: Reg) -> bool {
@@ -294,7 +392,7 @@ impl Frame<'_> {
             Reg::Absent => true,
             Reg::Field(i) => matches!(self.view.ev.fields[i as usize].1, Value::One(Scalar::Null)),
             Reg::Ctx => self.ctx_val.is_none(),
-            Reg::Star | Reg::Type => false,
+            Reg::Star | Reg::Type | Reg::Num(_) | Reg::Lit(_) => false,
         }
     }
 }
@@ -306,7 +404,7 @@ fn parse_ip(s: &str) -> Option<IpAddr> {
     IpAddr::from_str(s).ok()
 }
 
-fn test(frame: &Frame<'_>, ins: &Instr, c: Option<&PConst>, reg: Reg) -> bool {
+fn test(frame: &Frame<'_>, ins: &Instr, c: Option<&PConst>, reg: Reg, lits: &[PConst]) -> bool {
     let ci = ins.x == 1;
     match ins.op {
         op::EXISTS => return frame.exists(reg),
@@ -315,10 +413,10 @@ fn test(frame: &Frame<'_>, ins: &Instr, c: Option<&PConst>, reg: Reg) -> bool {
     }
     let Some(c) = c else { return false };
     match (ins.op, c) {
-        (op::EQ, PConst::Int(n)) => frame.any_elem(reg, &mut |s| s.number() == Some(*n)),
+        (op::EQ, PConst::Int(n)) => frame.any_elem(reg, lits, &mut |s| s.number() == Some(*n)),
         (op::CMP, PConst::Int(n)) => {
             let n = *n;
-            frame.any_elem(reg, &mut |s| match s.number() {
+            frame.any_elem(reg, lits, &mut |s| match s.number() {
                 Some(v) => match ins.x {
                     0 => v < n,
                     1 => v <= n,
@@ -328,15 +426,15 @@ fn test(frame: &Frame<'_>, ins: &Instr, c: Option<&PConst>, reg: Reg) -> bool {
                 None => false,
             })
         }
-        (op::REGEX, PConst::Regex(re)) => frame.any_text(reg, &mut |t| re.is_match(t)),
-        (op::CIDR, PConst::Cidr(net)) => {
-            frame.any_text(reg, &mut |t| parse_ip(t).is_some_and(|ip| net.contains(ip)))
-        }
+        (op::REGEX, PConst::Regex(re)) => frame.any_text(reg, lits, &mut |t| re.is_match(t)),
+        (op::CIDR, PConst::Cidr(net)) => frame.any_text(reg, lits, &mut |t| {
+            parse_ip(t).is_some_and(|ip| net.contains(ip))
+        }),
         (op::INSET, PConst::List { set, lowset, .. }) => {
             if ci {
-                frame.any_lowered(reg, &mut |t| lowset.contains(t))
+                frame.any_lowered(reg, lits, &mut |t| lowset.contains(t))
             } else {
-                frame.any_text(reg, &mut |t| set.contains(t))
+                frame.any_text(reg, lits, &mut |t| set.contains(t))
             }
         }
         (
@@ -351,17 +449,17 @@ fn test(frame: &Frame<'_>, ins: &Instr, c: Option<&PConst>, reg: Reg) -> bool {
         ) => {
             if ci {
                 match ac_low {
-                    Some(ac) => frame.any_lowered(reg, &mut |t| ac.is_match(t)),
-                    None => {
-                        frame.any_lowered(reg, &mut |t| lows.iter().any(|l| t.contains(l.as_str())))
-                    }
+                    Some(ac) => frame.any_lowered(reg, lits, &mut |t| ac.is_match(t)),
+                    None => frame.any_lowered(reg, lits, &mut |t| {
+                        lows.iter().any(|l| t.contains(l.as_str()))
+                    }),
                 }
             } else {
                 match ac {
-                    Some(ac) => frame.any_text(reg, &mut |t| ac.is_match(t)),
-                    None => {
-                        frame.any_text(reg, &mut |t| items.iter().any(|l| t.contains(l.as_str())))
-                    }
+                    Some(ac) => frame.any_text(reg, lits, &mut |t| ac.is_match(t)),
+                    None => frame.any_text(reg, lits, &mut |t| {
+                        items.iter().any(|l| t.contains(l.as_str()))
+                    }),
                 }
             }
         }
@@ -386,9 +484,9 @@ fn test(frame: &Frame<'_>, ins: &Instr, c: Option<&PConst>, reg: Reg) -> bool {
                 }
             };
             if ci {
-                frame.any_lowered(reg, &mut *f)
+                frame.any_lowered(reg, lits, &mut *f)
             } else {
-                frame.any_text(reg, &mut *f)
+                frame.any_text(reg, lits, &mut *f)
             }
         }
         _ => false,
@@ -519,7 +617,7 @@ impl Engine {
                 .collect();
             rules.push(Rule {
                 consts: prog.consts.iter().map(prepare).collect(),
-                context: prog.context.map(|c| gfields[c as usize]),
+                context: prog.context.iter().map(|&c| gfields[c as usize]).collect(),
                 gfields,
                 launch_targets,
                 has_prefilter: !prog.prefilter.is_empty(),
@@ -568,6 +666,8 @@ impl Engine {
             live: (0..n).map(|_| HashMap::new()).collect(),
             live_count: vec![0; n],
             counters: (0..n).map(|_| HashMap::new()).collect(),
+            windows: (0..n).map(|_| HashMap::new()).collect(),
+            win_count: vec![0; n],
             created: 0,
             seq: 0,
             steps: 0,
@@ -601,14 +701,35 @@ impl Engine {
         self.live_count.iter().sum()
     }
 
-    /// Per-rule statistics and live instance count.
-    pub fn stats(&self) -> Vec<(&str, Stats, usize)> {
+    /// Per-rule statistics, live instance count and open window count.
+    pub fn stats(&self) -> Vec<(&str, Stats, usize, usize)> {
         self.rules
             .iter()
             .zip(&self.stats)
-            .zip(&self.live_count)
-            .map(|((r, s), l)| (r.prog.name.as_str(), *s, *l))
+            .zip(self.live_count.iter().zip(&self.win_count))
+            .map(|((r, s), (l, w))| (r.prog.name.as_str(), *s, *l, *w))
             .collect()
+    }
+
+    /// Closes every window that ended before `now` (the clock moved on without an
+    /// event of its context); determinations in order of window end, then creation.
+    pub fn advance(&mut self, now: i64) -> Vec<Determination> {
+        let mut due: Vec<(i128, u64, usize, String, u16)> = Vec::new();
+        for (r, per) in self.windows.iter().enumerate() {
+            for (key, wins) in per {
+                for (&slot, w) in wins {
+                    if w.due(now) {
+                        due.push((w.end(), w.created, r, key.clone(), slot));
+                    }
+                }
+            }
+        }
+        due.sort_unstable_by_key(|d| (d.0, d.1));
+        let mut out = Vec::new();
+        for (_, _, r, key, slot) in due {
+            self.close(r, &key, slot, &mut out);
+        }
+        out
     }
 
     /// Runs every event in order; returns the determinations.
@@ -630,6 +751,7 @@ impl Engine {
                 lowered: (0..ev.fields.len()).map(|_| OnceCell::new()).collect(),
                 star_lowered: OnceCell::new(),
                 type_val: Value::One(Scalar::Str(ev.ty.clone())),
+                no_event: false,
             };
             self.event(&view, &mut out);
             for (name, _) in &ev.fields {
@@ -710,17 +832,42 @@ impl Engine {
         let mut pass: Option<Vec<u64>> = None;
         for &ri in cands.iter() {
             let r = ri as usize;
-            if self.live_count[r] == 0 && self.rules[r].prog.launched {
+            if self.live_count[r] == 0 && self.win_count[r] == 0 && self.rules[r].prog.launched {
                 continue;
             }
-            let key: String = match self.rules[r].context {
-                None => String::new(),
-                Some(gid) => match view.field(gid).map(|i| &ev.fields[i as usize].1) {
-                    Some(Value::One(Scalar::Str(s))) => s.clone(),
-                    Some(Value::One(Scalar::Int(n))) => n.to_string(),
-                    _ => continue,
+            let key_part = |gid: u32| match view.field(gid).map(|i| &ev.fields[i as usize].1) {
+                Some(Value::One(Scalar::Str(s))) => Some(s.clone()),
+                Some(Value::One(Scalar::Int(n))) => Some(n.to_string()),
+                _ => None,
+            };
+            let key: String = match self.rules[r].context.as_slice() {
+                [] => String::new(),
+                [gid] => match key_part(*gid) {
+                    Some(k) => k,
+                    None => continue,
+                },
+                gids => match gids
+                    .iter()
+                    .map(|g| key_part(*g))
+                    .collect::<Option<Vec<_>>>()
+                {
+                    Some(parts) => json_key(&parts),
+                    None => continue,
                 },
             };
+            if self.win_count[r] > 0 {
+                if let Some(wins) = self.windows[r].get(&key) {
+                    let mut due: Vec<(i128, u64, u16)> = wins
+                        .iter()
+                        .filter(|(_, w)| w.due(ev.time))
+                        .map(|(&slot, w)| (w.end(), w.created, slot))
+                        .collect();
+                    due.sort_unstable();
+                    for (_, _, slot) in due {
+                        self.close(r, &key, slot, out);
+                    }
+                }
+            }
             if self.live_count[r] > 0 && self.live[r].get(&key).is_some_and(|w| !w.is_empty()) {
                 let wkeys: Vec<i64> = self.live[r][&key].keys().rev().copied().collect();
                 for wk in wkeys {
@@ -748,7 +895,14 @@ impl Engine {
                         }
                     }
                     let snapshot = inst.clone();
-                    self.exec(ri, &key, (wk + 1) as usize, Some((wk, snapshot)), view, out);
+                    self.exec(
+                        ri,
+                        &key,
+                        (wk + 1) as usize,
+                        Run::Resume(wk, snapshot),
+                        view,
+                        out,
+                    );
                 }
                 if self.live[r].get(&key).is_some_and(BTreeMap::is_empty) {
                     self.live[r].remove(&key);
@@ -768,7 +922,7 @@ impl Engine {
                     continue;
                 }
             }
-            self.exec(ri, &key, 0, None, view, out);
+            self.exec(ri, &key, 0, Run::Root, view, out);
         }
     }
 
@@ -827,7 +981,8 @@ impl Engine {
         }
     }
 
-    fn count(&mut self, r: usize, key: &str, slot: u16, need: u32, window: u64, now: i64) -> bool {
+    /// The (context, slot) counter, made (evicting the oldest created) if new.
+    fn counter(&mut self, r: usize, key: &str, slot: u16) -> &mut Counter {
         let ck = (key.to_owned(), slot);
         if !self.counters[r].contains_key(&ck) {
             if self.counters[r].len() >= self.max {
@@ -841,17 +996,25 @@ impl Engine {
                 }
             }
             self.created += 1;
+            let created = self.created;
             self.counters[r].insert(
                 ck.clone(),
                 Counter {
-                    created: self.created,
+                    created,
                     times: Vec::new(),
+                    values: Vec::new(),
                 },
             );
         }
-        let Some(c) = self.counters[r].get_mut(&ck) else {
-            return false;
-        };
+        self.counters[r].entry(ck).or_insert_with(|| Counter {
+            created: 0,
+            times: Vec::new(),
+            values: Vec::new(),
+        })
+    }
+
+    fn count(&mut self, r: usize, key: &str, slot: u16, need: u32, window: u64, now: i64) -> bool {
+        let c = self.counter(r, key, slot);
         c.times
             .retain(|x| i128::from(now) - i128::from(*x) <= i128::from(window));
         c.times.push(now);
@@ -863,19 +1026,153 @@ impl Engine {
         }
     }
 
+    /// An `AGG`: adds the event (or `texts`, for a distinct one) and returns the count.
+    #[allow(clippy::too_many_arguments)]
+    fn agg(
+        &mut self,
+        r: usize,
+        key: &str,
+        ins: &Instr,
+        texts: Option<Vec<String>>,
+        now: i64,
+        first_time: i64,
+        chain: impl FnOnce() -> Vec<u64>,
+    ) -> u32 {
+        let (slot, cap, span) = (ins.x & 0xF, ins.a as usize, ins.imm);
+        let distinct = texts.is_some();
+        let texts = texts.unwrap_or_default();
+        if distinct && texts.is_empty() {
+            return 0;
+        }
+        if ins.x & AGG_DEFERRED != 0 {
+            let open = self.windows[r]
+                .get(key)
+                .is_some_and(|m| m.contains_key(&slot));
+            if !open {
+                if self.win_count[r] >= self.max {
+                    let victim = self.windows[r]
+                        .iter()
+                        .flat_map(|(k, m)| m.iter().map(move |(s, w)| (w.created, k, *s)))
+                        .min_by_key(|v| v.0)
+                        .map(|(_, k, s)| (k.clone(), s));
+                    if let Some((k, s)) = victim {
+                        if let Some(m) = self.windows[r].get_mut(&k) {
+                            m.remove(&s);
+                            if m.is_empty() {
+                                self.windows[r].remove(&k);
+                            }
+                        }
+                        self.win_count[r] -= 1;
+                        self.stats[r][EVICTED] += 1;
+                    }
+                }
+                self.created += 1;
+                let w = Window {
+                    open_time: now,
+                    span,
+                    cap: ins.a,
+                    distinct,
+                    first_time,
+                    chain: chain(),
+                    count: 0,
+                    values: Vec::new(),
+                    created: self.created,
+                    resume: None,
+                };
+                self.windows[r]
+                    .entry(key.to_owned())
+                    .or_default()
+                    .insert(slot, w);
+                self.win_count[r] += 1;
+            }
+            let Some(w) = self.windows[r].get_mut(key).and_then(|m| m.get_mut(&slot)) else {
+                return 0;
+            };
+            if distinct {
+                for v in texts {
+                    if w.values.len() < cap && !w.values.contains(&v) {
+                        w.values.push(v);
+                    }
+                }
+            } else {
+                w.count = (w.count + 1).min(w.cap);
+            }
+            return w.size();
+        }
+        let c = self.counter(r, key, slot);
+        let fresh = |t: i64| i128::from(now) - i128::from(t) <= i128::from(span);
+        if distinct {
+            c.values.retain(|(_, last)| fresh(*last));
+            for v in texts {
+                match c.values.iter_mut().find(|e| e.0 == v) {
+                    Some(e) => e.1 = e.1.max(now),
+                    None => c.values.push((v, now)),
+                }
+                while c.values.len() > cap {
+                    // drop the value seen longest ago (the first of equals)
+                    let Some((i, _)) = c.values.iter().enumerate().min_by_key(|(_, e)| e.1) else {
+                        break;
+                    };
+                    c.values.remove(i);
+                }
+            }
+            u32::try_from(c.values.len()).unwrap_or(u32::MAX)
+        } else {
+            c.times.retain(|t| fresh(*t));
+            c.times.push(now);
+            while c.times.len() > cap {
+                let Some((i, _)) = c.times.iter().enumerate().min_by_key(|(_, t)| **t) else {
+                    break;
+                };
+                c.times.remove(i);
+            }
+            u32::try_from(c.times.len()).unwrap_or(u32::MAX)
+        }
+    }
+
+    /// Closes a window: drops it and resumes the run stopped at its WINDOW, without an event.
+    fn close(&mut self, r: usize, key: &str, slot: u16, out: &mut Vec<Determination>) {
+        let Some(w) = self.windows[r].get_mut(key).and_then(|m| m.remove(&slot)) else {
+            return;
+        };
+        self.win_count[r] -= 1;
+        if self.windows[r].get(key).is_some_and(BTreeMap::is_empty) {
+            self.windows[r].remove(key);
+        }
+        let Some(pc) = w.resume else { return };
+        let end = i64::try_from(w.end()).unwrap_or(i64::MAX);
+        let none = Event {
+            ty: String::new(),
+            source: None,
+            time: end,
+            fields: Vec::new(),
+        };
+        let view = EvView {
+            ev: &none,
+            seq: NO_SEQ,
+            slot_of: &[],
+            lowered: Vec::new(),
+            star_lowered: OnceCell::new(),
+            type_val: Value::One(Scalar::Null),
+            no_event: true,
+        };
+        self.exec(r as u32, key, pc + 1, Run::Close(w), &view, out);
+    }
+
     fn exec(
         &mut self,
         ri: u32,
         key: &str,
         start: usize,
-        resumed: Option<(i64, Instance)>,
+        run: Run,
         view: &EvView<'_>,
         out: &mut Vec<Determination>,
     ) {
         let r = ri as usize;
         let ev = view.ev;
+        let now = ev.time;
         self.stats[r][RUNS] += 1;
-        let has_ctx = self.rules[r].context.is_some();
+        let has_ctx = !self.rules[r].context.is_empty();
         let frame = Frame {
             ctx_val: has_ctx.then(|| Value::One(Scalar::Str(key.to_owned()))),
             view,
@@ -884,15 +1181,25 @@ impl Engine {
         let mut flag = false;
         let mut pc = start;
         let mut steps = 0u64;
-        let (first_time, chain_prefix) = match &resumed {
-            Some((_, inst)) => (inst.first_time, Some(&inst.events)),
-            None => (ev.time, None),
+        let (resumed, first_time, base, extra): (Option<i64>, i64, &[u64], Option<u64>) = match &run
+        {
+            Run::Root => (None, now, &[], Some(view.seq)),
+            Run::Resume(wk, inst) => (Some(*wk), inst.first_time, &inst.events, Some(view.seq)),
+            Run::Close(w) => {
+                regs[self.rules[r].prog.code[start - 1].r as usize] = Reg::Num(w.size());
+                (None, w.first_time, &w.chain, None)
+            }
+        };
+        let created_of = match &run {
+            Run::Resume(_, inst) => Some(inst.created),
+            _ => None,
         };
         let chain = || {
-            let mut c = chain_prefix.cloned().unwrap_or_default();
-            c.push(view.seq);
+            let mut c = base.to_vec();
+            c.extend(extra);
             c
         };
+        let seq = if view.no_event { NO_SEQ } else { view.seq };
         loop {
             let rule = &self.rules[r];
             let ins = rule.prog.code[pc];
@@ -900,7 +1207,7 @@ impl Engine {
             match ins.op {
                 op::LOADF => {
                     let gid = rule.gfields[ins.a as usize];
-                    regs[ins.r as usize] = if Some(gid) == self.star {
+                    regs[ins.r as usize] = if Some(gid) == self.star && !view.no_event {
                         Reg::Star
                     } else {
                         match view.field(gid) {
@@ -928,33 +1235,63 @@ impl Engine {
                 op::NOT => flag = !flag,
                 op::EQ..=op::ISNULL | op::INSET | op::ANYOF => {
                     let c = rule.consts.get(ins.a as usize);
-                    flag = test(&frame, &ins, c, regs[ins.r as usize]);
+                    flag = test(&frame, &ins, c, regs[ins.r as usize], &rule.consts);
                 }
                 op::ISTYPE => {
-                    flag = rule.type_lists[ins.a as usize]
-                        .as_ref()
-                        .is_some_and(|t| types_match(t, &ev.ty, ev.source.as_deref()));
+                    flag = !view.no_event
+                        && rule.type_lists[ins.a as usize]
+                            .as_ref()
+                            .is_some_and(|t| types_match(t, &ev.ty, ev.source.as_deref()));
                 }
                 op::LOADCTX => {
                     regs[ins.r as usize] = if has_ctx { Reg::Ctx } else { Reg::Absent };
                 }
-                op::LOADTYPE => regs[ins.r as usize] = Reg::Type,
+                op::LOADTYPE => {
+                    regs[ins.r as usize] = if view.no_event {
+                        Reg::Absent
+                    } else {
+                        Reg::Type
+                    };
+                }
+                op::LOADK => regs[ins.r as usize] = Reg::Lit(ins.a),
                 op::COUNT => {
-                    flag = self.count(r, key, ins.x, ins.a, ins.imm, ev.time);
+                    flag = !view.no_event && self.count(r, key, ins.x, ins.a, ins.imm, now);
+                }
+                op::AGG => {
+                    let n = if view.no_event {
+                        0
+                    } else {
+                        let texts = (ins.x & AGG_DISTINCT != 0).then(|| {
+                            frame.texts(regs[usize::from((ins.x >> 4) & 0xF)], &rule.consts)
+                        });
+                        self.agg(r, key, &ins, texts, now, first_time, chain)
+                    };
+                    regs[ins.r as usize] = Reg::Num(n);
+                }
+                op::RESET => {
+                    self.counters[r].remove(&(key.to_owned(), ins.x));
+                }
+                op::WINDOW => {
+                    if let Some(w) = self.windows[r].get_mut(key).and_then(|m| m.get_mut(&ins.x)) {
+                        if w.resume.is_none() {
+                            w.resume = Some(pc);
+                        }
+                    }
+                    break; // the run ends; a resumed instance stays waiting
                 }
                 op::LAUNCH => {
                     let tj = rule.launch_targets[ins.a as usize] as usize;
                     self.created += 1;
                     let inst = Instance {
-                        first_time: ev.time,
-                        last_time: ev.time,
-                        last_seq: view.seq,
+                        first_time: now,
+                        last_time: now,
+                        last_seq: seq,
                         events: chain(),
                         timeout: ins.imm,
                         types: None,
                         created: self.created,
                     };
-                    self.place(tj, key, -1, inst, ev.time);
+                    self.place(tj, key, -1, inst, now);
                 }
                 op::WAIT => {
                     let types = if ins.a == NO_INDEX {
@@ -962,28 +1299,26 @@ impl Engine {
                     } else {
                         rule.type_lists[ins.a as usize].clone()
                     };
-                    let created = match &resumed {
-                        Some((wk, inst)) => {
-                            let c = inst.created;
-                            let wk = *wk;
+                    let created = match (resumed, created_of) {
+                        (Some(wk), Some(c)) => {
                             self.remove_instance(r, key, wk);
                             c
                         }
-                        None => {
+                        _ => {
                             self.created += 1;
                             self.created
                         }
                     };
                     let inst = Instance {
                         first_time,
-                        last_time: ev.time,
-                        last_seq: view.seq,
+                        last_time: now,
+                        last_seq: seq,
                         events: chain(),
                         timeout: ins.imm,
                         types,
                         created,
                     };
-                    self.place(r, key, pc as i64, inst, ev.time);
+                    self.place(r, key, pc as i64, inst, now);
                     break;
                 }
                 _ => {
@@ -991,8 +1326,7 @@ impl Engine {
                     let verdict = ins.x;
                     if verdict != MONITOR {
                         let silent = rule.prog.silent;
-                        if let Some((wk, _)) = &resumed {
-                            let wk = *wk;
+                        if let Some(wk) = resumed {
                             self.remove_instance(r, key, wk);
                         }
                         self.stats[r][if verdict == MATCH {
@@ -1008,7 +1342,7 @@ impl Engine {
                                 context: has_ctx.then(|| key.to_owned()),
                                 verdict,
                                 events: chain(),
-                                time: ev.time,
+                                time: now,
                             });
                         }
                     }
@@ -1020,4 +1354,11 @@ impl Engine {
         self.stats[r][STEPS] += steps;
         self.steps += steps;
     }
+}
+
+/// How a run starts: a fresh instance, a waiting one resumed by an event, or a closed window.
+enum Run {
+    Root,
+    Resume(i64, Instance),
+    Close(Window),
 }

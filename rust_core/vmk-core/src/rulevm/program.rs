@@ -6,6 +6,11 @@
 //! is capped before anything is allocated for it, and the verifier walks the
 //! code once (jumps only go forward, so one pass in pc order sees every
 //! predecessor of an instruction before the instruction itself).
+//!
+//! Format version 2 adds group-by contexts of several fields and the
+//! aggregate instructions `LOADK`, `AGG`, `WINDOW` and `RESET`: every
+//! instruction naming a counter slot must agree on its kind, cap and window,
+//! so a slot's live state has one shape and at most `cap` entries.
 
 use std::net::IpAddr;
 use std::str::FromStr;
@@ -13,7 +18,7 @@ use std::str::FromStr;
 /// Program magic.
 pub const MAGIC: &[u8; 4] = b"VMKR";
 /// The only format version this loader reads.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// Flag: determinations are counted, not emitted.
 pub const FLAG_SILENT: u16 = 1;
 /// Flag: the rule only runs when another rule launches it.
@@ -33,7 +38,15 @@ const MAX_LAUNCH: u32 = 256;
 const MAX_TAGS: u32 = 256;
 const MAX_PREFILTER: u32 = 65536;
 const MAX_COUNT: u32 = 4096;
+/// Largest `AGG` cap: enough to decide a comparison with any threshold up to 4096.
+pub const MAX_AGG_CAP: u32 = MAX_COUNT + 1;
 const MAX_SLOTS: u16 = 16;
+/// Most context (group-by) fields.
+pub const MAX_GROUP: u32 = 16;
+/// `AGG` operand flag: count distinct text values of the value register.
+pub const AGG_DISTINCT: u16 = 0x100;
+/// `AGG` operand flag: a window opened by its first event, decided when it closes.
+pub const AGG_DEFERRED: u16 = 0x200;
 /// Value registers per run.
 pub const NREGS: u8 = 16;
 /// Largest WAIT / LAUNCH / COUNT time span.
@@ -46,6 +59,7 @@ pub mod op {
     pub const LOADF: u8 = 0x01;
     pub const LOADCTX: u8 = 0x02;
     pub const LOADTYPE: u8 = 0x03;
+    pub const LOADK: u8 = 0x04;
     pub const EQ: u8 = 0x10;
     pub const PREFIX: u8 = 0x11;
     pub const SUFFIX: u8 = 0x12;
@@ -66,6 +80,9 @@ pub mod op {
     pub const WAIT: u8 = 0x30;
     pub const LAUNCH: u8 = 0x31;
     pub const COUNT: u8 = 0x32;
+    pub const AGG: u8 = 0x33;
+    pub const WINDOW: u8 = 0x34;
+    pub const RESET: u8 = 0x35;
     pub const HALT: u8 = 0x3F;
 }
 
@@ -74,6 +91,7 @@ fn op_name(code: u8) -> Option<&'static str> {
         op::LOADF => "loadf",
         op::LOADCTX => "loadctx",
         op::LOADTYPE => "loadtype",
+        op::LOADK => "loadk",
         op::EQ => "eq",
         op::PREFIX => "prefix",
         op::SUFFIX => "suffix",
@@ -94,6 +112,9 @@ fn op_name(code: u8) -> Option<&'static str> {
         op::WAIT => "wait",
         op::LAUNCH => "launch",
         op::COUNT => "count",
+        op::AGG => "agg",
+        op::WINDOW => "window",
+        op::RESET => "reset",
         op::HALT => "halt",
         _ => return None,
     })
@@ -254,8 +275,8 @@ pub struct Program {
     pub tags: Vec<String>,
     /// Pre-filter literals `(field index, literal)`.
     pub prefilter: Vec<(u32, String)>,
-    /// Context field index.
-    pub context: Option<u32>,
+    /// Context (group-by) field indices; empty: none.
+    pub context: Vec<u32>,
     /// Silent mode.
     pub silent: bool,
     /// Launch-only.
@@ -514,7 +535,11 @@ pub fn decode(data: &[u8]) -> Result<Program, VerifyError> {
         ));
     }
     let name = rd.str("rule name", 1024)?;
-    let context = rd.u32("context field")?;
+    let n_context = rd.count("context field count", MAX_GROUP)?;
+    let mut context = Vec::new();
+    for j in 0..n_context {
+        context.push(rd.u32(&format!("context field {j}"))?);
+    }
     let n_consts = rd.count("constant count", MAX_CONSTS)?;
     let mut consts = Vec::new();
     for i in 0..n_consts {
@@ -647,15 +672,17 @@ pub fn decode(data: &[u8]) -> Result<Program, VerifyError> {
             ),
         ));
     }
-    if context != NO_INDEX && context as usize >= fields.len() {
-        return Err(VerifyError::new(
-            "bad-field",
-            -1,
-            format!(
-                "context field {context}, expected below {} or none",
-                fields.len()
-            ),
-        ));
+    for (j, &fid) in context.iter().enumerate() {
+        if fid as usize >= fields.len() {
+            return Err(VerifyError::new(
+                "bad-field",
+                -1,
+                format!(
+                    "context field {j} is {fid}, expected below {}",
+                    fields.len()
+                ),
+            ));
+        }
     }
     let code: Vec<Instr> = raw
         .chunks_exact(16)
@@ -676,7 +703,7 @@ pub fn decode(data: &[u8]) -> Result<Program, VerifyError> {
         launches,
         tags,
         prefilter,
-        context: (context != NO_INDEX).then_some(context),
+        context,
         silent: flags & FLAG_SILENT != 0,
         launched: flags & FLAG_LAUNCHED != 0,
     };
@@ -733,6 +760,23 @@ fn verify_code(p: &Program) -> Result<(), VerifyError> {
         }
         Ok(())
     };
+    // slot -> (kind, flags, cap, window) of the first instruction naming it (kind 0 count, 1 agg)
+    let mut slots: [Option<(u8, u16, u32, u64)>; MAX_SLOTS as usize] = [None; MAX_SLOTS as usize];
+    let slot_use = |slots: &mut [Option<(u8, u16, u32, u64)>; MAX_SLOTS as usize],
+                    pc: i64,
+                    slot: u16,
+                    sig: (u8, u16, u32, u64)|
+     -> Result<(), VerifyError> {
+        let have = slots[usize::from(slot)].get_or_insert(sig);
+        if *have != sig {
+            return Err(VerifyError::new(
+                "bad-counter",
+                pc,
+                format!("slot {slot} was used with another kind, cap or window before, expected one per slot"),
+            ));
+        }
+        Ok(())
+    };
     for (i, ins) in p.code.iter().enumerate() {
         let pc = i as i64;
         let o = ins.op;
@@ -740,7 +784,7 @@ fn verify_code(p: &Program) -> Result<(), VerifyError> {
             return Err(VerifyError::new(
                 "bad-opcode",
                 pc,
-                format!("opcode {o:#04x}, expected one of the 24 known opcodes"),
+                format!("opcode {o:#04x}, expected one of the 28 known opcodes"),
             ));
         }
         let mask = incoming[i].unwrap_or(ALL_DEFINED);
@@ -763,6 +807,20 @@ fn verify_code(p: &Program) -> Result<(), VerifyError> {
                     ));
                 }
                 if ins.x != 0 || ins.imm != 0 || (o != op::LOADF && ins.a != 0) {
+                    return Err(unused(pc));
+                }
+                defs = 1 << ins.r;
+            }
+            op::LOADK => {
+                if ins.r >= NREGS {
+                    return Err(VerifyError::new(
+                        "bad-register",
+                        pc,
+                        format!("register {}, expected below {NREGS}", ins.r),
+                    ));
+                }
+                const_of(pc, ins, &["str", "int"])?;
+                if ins.x != 0 || ins.imm != 0 {
                     return Err(unused(pc));
                 }
                 defs = 1 << ins.r;
@@ -882,7 +940,85 @@ fn verify_code(p: &Program) -> Result<(), VerifyError> {
                     return Err(unused(pc));
                 }
                 timeout(pc, ins.imm)?;
+                slot_use(&mut slots, pc, ins.x, (0, 0, ins.a, ins.imm))?;
                 defs = FLAG_BIT;
+            }
+            op::AGG => {
+                if ins.r >= NREGS {
+                    return Err(VerifyError::new(
+                        "bad-register",
+                        pc,
+                        format!("register {}, expected below {NREGS}", ins.r),
+                    ));
+                }
+                let distinct = ins.x & AGG_DISTINCT != 0;
+                if ins.x & !(0xFF | AGG_DISTINCT | AGG_DEFERRED) != 0
+                    || (!distinct && ins.x & 0xF0 != 0)
+                {
+                    return Err(VerifyError::new(
+                        "bad-operand",
+                        pc,
+                        format!(
+                            "agg operand {:#x}, expected a slot, a value register (distinct only) \
+                             and flags 0x100 (distinct), 0x200 (deferred)",
+                            ins.x
+                        ),
+                    ));
+                }
+                if !(1..=MAX_AGG_CAP).contains(&ins.a) {
+                    return Err(VerifyError::new(
+                        "bad-counter",
+                        pc,
+                        format!("cap {}, expected 1..={MAX_AGG_CAP}", ins.a),
+                    ));
+                }
+                timeout(pc, ins.imm)?;
+                slot_use(&mut slots, pc, ins.x & 0xF, (1, ins.x >> 8, ins.a, ins.imm))?;
+                if distinct {
+                    uses = 1 << ((ins.x >> 4) & 0xF);
+                }
+                defs = 1 << ins.r;
+            }
+            op::WINDOW | op::RESET => {
+                if o == op::WINDOW && ins.r >= NREGS {
+                    return Err(VerifyError::new(
+                        "bad-register",
+                        pc,
+                        format!("register {}, expected below {NREGS}", ins.r),
+                    ));
+                }
+                if ins.x >= MAX_SLOTS {
+                    return Err(VerifyError::new(
+                        "bad-counter",
+                        pc,
+                        format!("counter slot {}, expected below {MAX_SLOTS}", ins.x),
+                    ));
+                }
+                let sig = slots[usize::from(ins.x)];
+                if ins.a != 0 || ins.imm != 0 || (o == op::RESET && ins.r != 0) {
+                    return Err(unused(pc));
+                }
+                let deferred = |s: (u8, u16, u32, u64)| s.0 == 1 && s.1 & (AGG_DEFERRED >> 8) != 0;
+                if o == op::WINDOW && !sig.is_some_and(deferred) {
+                    return Err(VerifyError::new(
+                        "bad-counter",
+                        pc,
+                        format!(
+                            "window on slot {}, expected a slot of an earlier deferred agg",
+                            ins.x
+                        ),
+                    ));
+                }
+                if o == op::RESET && sig.is_none_or(deferred) {
+                    return Err(VerifyError::new(
+                        "bad-counter",
+                        pc,
+                        format!(
+                            "reset of slot {}, expected a slot of an earlier count or sliding agg",
+                            ins.x
+                        ),
+                    ));
+                }
             }
             _ => {
                 // HALT
@@ -902,10 +1038,15 @@ fn verify_code(p: &Program) -> Result<(), VerifyError> {
             }
         }
         if uses & !mask != 0 {
+            let reg = if o == op::AGG {
+                (ins.x >> 4) & 0xF
+            } else {
+                u16::from(ins.r)
+            };
             let what = if uses & !mask & FLAG_BIT != 0 {
                 "the test flag".to_owned()
             } else {
-                format!("register {}", ins.r)
+                format!("register {reg}")
             };
             return Err(VerifyError::new(
                 "undefined-register",
@@ -937,6 +1078,8 @@ fn verify_code(p: &Program) -> Result<(), VerifyError> {
                 }
             }
             op::WAIT => merge(&mut incoming, i + 1, 0),
+            // the run ends; it resumes at the window's close with only the count register set
+            op::WINDOW => merge(&mut incoming, i + 1, 1 << ins.r),
             op::HALT => {}
             _ => merge(&mut incoming, i + 1, out),
         }
