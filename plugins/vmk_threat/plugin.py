@@ -229,6 +229,24 @@ def vmk_report(kernel: Kernel) -> ReportSection:
     return ReportSection("threat", lines)
 
 
+DEMO_SIGMA_SPRAY = """
+title: Failed logon
+id: 5638f7c0-ac70-491d-8465-2a65075e0d86
+name: failed_logon
+logsource: {product: windows, service: security}
+detection:
+  selection: {EventID: 4625}
+  condition: selection
+---
+title: Password spraying
+correlation:
+  type: value_count
+  rules: [failed_logon]
+  group-by: [IpAddress, WorkstationName]
+  timespan: 1m
+  condition: {field: TargetUserName, gte: 3}
+"""
+
 DEMO_RULES = """
 rule "rapid relaunch" {
     context vm
@@ -251,6 +269,31 @@ def vmk_demo(kernel: Kernel, demo: Any) -> None:
     demo.step(f"threat: {len(st.determinations)} determination(s); rule stopped {len(st.stopped)} VM(s)")
     demo.record("threat determinations", len(st.determinations))
     demo.record("threat VMs stopped", len(st.stopped))
+    # A Sigma correlation over a Windows logon stream: one source trying many accounts.
+    from vmkernel.rules import compile_sigma
+
+    engine = RuleEngine(compile_sigma(DEMO_SIGMA_SPRAY))
+    second = 10**9
+
+    def failed(t: int, user: str, ip: str) -> dict[str, Any]:
+        return {
+            "type": "windows/security",
+            "time_ns": t * second,
+            "EventID": 4625,
+            "IpAddress": ip,
+            "WorkstationName": "ws1",
+            "TargetUserName": user,
+        }
+
+    events = [failed(0, "alice", "10.0.0.9"), failed(5, "bob", "10.0.0.9"), failed(7, "alice", "10.0.0.7")]
+    events += [failed(20, "carol", "10.0.0.9")]
+    found = engine.feed(events) + engine.advance(120 * second)
+    sources = sorted({json.loads(d.context)[0] for d in found})
+    demo.step(
+        f"threat: Sigma value_count correlation (3 accounts from one source within 1 min): "
+        f"{len(found)} determination(s), source(s) {', '.join(sources) or 'none'}"
+    )
+    demo.record("threat sigma correlations", len(found))
 
 
 # --------------------------------------------------------------------------- CLI

@@ -118,7 +118,11 @@ def test_demo_part_stops_the_flapping_vm() -> None:
     demo = Demo()
     with kernel() as k:
         vmk_threat.vmk_demo(k, demo)
-    assert demo.records == {"threat determinations": 1, "threat VMs stopped": 1}
+    assert demo.records == {
+        "threat determinations": 1,
+        "threat VMs stopped": 1,
+        "threat sigma correlations": 1,  # 10.0.0.9 tried three accounts; 10.0.0.7 one
+    }
 
 
 def test_the_kernel_clock_closes_count_windows() -> None:
