@@ -38,57 +38,12 @@ from typing import Protocol
 from vmk_storage.device import Buffer
 from vmkernel import implementation
 from vmkernel.errors import NbdProtocolError
-from vmkernel.reference.nbd import (
-    CMD_DISC,
-    CMD_FLUSH,
-    CMD_READ,
-    CMD_WRITE,
-    CMD_WRITE_ZEROES,
-    DEFAULT_EXPORT,
-    FLAG_FIXED_NEWSTYLE,
-    FLAG_NO_ZEROES,
-    IHAVEOPT,
-    INFO_BLOCK_SIZE,
-    INFO_EXPORT,
-    NBDMAGIC,
-    OPT_GO,
-    REP_ACK,
-    REP_ERR_BIT,
-    REP_INFO,
-    REPLY_MAGIC,
-    REQUEST_MAGIC,
-    SIMPLE_REPLY_MAGIC,
-    TF_HAS_FLAGS,
-    TF_READ_ONLY,
-    TF_SEND_FLUSH,
-    TF_SEND_WRITE_ZEROES,
-)
+from vmkernel.reference.nbd import DEFAULT_EXPORT
 
-# The protocol constants and NbdProtocolError are re-exported for existing imports.
+# NbdProtocolError is re-exported for existing imports; the protocol constants live in
+# vmkernel.reference.nbd, beside the reference client.
 __all__ = [
-    "CMD_DISC",
-    "CMD_FLUSH",
-    "CMD_READ",
-    "CMD_WRITE",
-    "CMD_WRITE_ZEROES",
     "DEFAULT_EXPORT",
-    "FLAG_FIXED_NEWSTYLE",
-    "FLAG_NO_ZEROES",
-    "IHAVEOPT",
-    "INFO_BLOCK_SIZE",
-    "INFO_EXPORT",
-    "NBDMAGIC",
-    "OPT_GO",
-    "REPLY_MAGIC",
-    "REP_ACK",
-    "REP_ERR_BIT",
-    "REP_INFO",
-    "REQUEST_MAGIC",
-    "SIMPLE_REPLY_MAGIC",
-    "TF_HAS_FLAGS",
-    "TF_READ_ONLY",
-    "TF_SEND_FLUSH",
-    "TF_SEND_WRITE_ZEROES",
     "NbdBackend",
     "NbdClient",
     "NbdConnection",

@@ -18,7 +18,10 @@ from types import ModuleType
 
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
-from vmk_storage.nbd import (
+
+import vmkernel.fast
+import vmkernel.reference
+from vmkernel.reference.nbd import (
     FLAG_FIXED_NEWSTYLE,
     IHAVEOPT,
     INFO_BLOCK_SIZE,
@@ -33,9 +36,6 @@ from vmk_storage.nbd import (
     TF_SEND_FLUSH,
     TF_SEND_WRITE_ZEROES,
 )
-
-import vmkernel.fast
-import vmkernel.reference
 from vmkernel.testing.profiles import scaled
 
 READ_LEN = 512

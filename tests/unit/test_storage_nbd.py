@@ -21,7 +21,13 @@ from types import ModuleType
 import numpy as np
 import pytest
 from vmk_storage import NbdBackend, NbdClient, UnitStore
-from vmk_storage.nbd import (
+from vmk_storage.nbd import NbdProtocolError, qemu_nbd_path
+from vmk_storage.testing import NBD_MISSING, new_vm_id
+
+import vmkernel
+import vmkernel.errors
+from vmkernel.errors import BufferLayoutError, InvalidArgument, StorageError
+from vmkernel.reference.nbd import (
     CMD_DISC,
     CMD_FLUSH,
     CMD_READ,
@@ -40,14 +46,7 @@ from vmk_storage.nbd import (
     TF_HAS_FLAGS,
     TF_SEND_FLUSH,
     TF_SEND_WRITE_ZEROES,
-    NbdProtocolError,
-    qemu_nbd_path,
 )
-from vmk_storage.testing import NBD_MISSING, new_vm_id
-
-import vmkernel
-import vmkernel.errors
-from vmkernel.errors import BufferLayoutError, InvalidArgument, StorageError
 
 needs_qemu_nbd = pytest.mark.skipif(qemu_nbd_path() is None, reason=NBD_MISSING)
 
