@@ -193,6 +193,11 @@ class RecordHeader:
     header_crc: int
 
     @property
+    def covered_len(self) -> int:
+        """Bytes after the header that its checksum covers (crc table, or the payload)."""
+        return 4 * self.count if self.rtype == T_BLOCKS else self.payload_len
+
+    @property
     def body_len(self) -> int:
         """Bytes after the fixed header (crc table + data for block records)."""
         if self.rtype == T_BLOCKS:
@@ -243,6 +248,21 @@ def unpack_header(raw: bytes | bytearray | memoryview) -> RecordHeader | None:
         payload_len=f[10],
         header_crc=f[11],
     )
+
+
+def chain_problem(h: RecordHeader, seq: int, epoch: int, epoch_limit: int) -> str | None:
+    """Why ``h`` cannot follow the record of sequence ``seq`` and epoch ``epoch`` under a
+    superblock of epoch ``epoch_limit``; ``None`` when it can.  The log's chain rule, used
+    by every reader (open, check, replication)."""
+    if h.rtype not in KNOWN_TYPES:
+        return f"unknown record type {h.rtype}"
+    if h.rtype in (T_BLOCKS, T_TRIM) and not 0 < h.count <= MAX_EXTENT_BLOCKS:
+        return f"block count {h.count} out of range"
+    if h.rtype != T_BLOCKS and h.payload_len > MAX_OBJECT_BYTES + 256:
+        return f"payload length {h.payload_len} out of range"
+    if h.seq != seq + 1 or not epoch <= h.epoch <= epoch_limit:
+        return f"sequence {h.seq} epoch {h.epoch} breaks the chain after {seq}"
+    return None
 
 
 def header_crc_ok(

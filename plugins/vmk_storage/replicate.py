@@ -99,8 +99,8 @@ class ChainCheck:
     ) -> None:
         self.unit_id = unit_id
         self.owner = fmt.owner_bytes(unit_id)
-        self.pos = base  # image position of the first byte in ``self.buf``
-        self.buf = bytearray()
+        self.pos = base  # image position of the first byte of ``self.carry``
+        self.carry = b""  # an incomplete record at the end of the last chunk
         self.seq, self.epoch, self.epoch_limit = seq, epoch, epoch_limit
         self.digest = digest  # chained over every record header so far (see log_digest)
 
@@ -108,33 +108,27 @@ class ChainCheck:
         return CorruptUnit(self.unit_id, at, f"{problem} (while replicating)", value, expected)
 
     def feed(self, data: bytes) -> None:
-        self.buf += data
-        view = memoryview(bytes(self.buf))  # an immutable copy: the buffer is trimmed below
+        # Usually nothing is carried over and ``data`` (immutable) is read in place; otherwise the
+        # incomplete record from the last chunk is joined to it.
+        view = memoryview(self.carry + data if self.carry else data)
         off = 0
         while len(view) - off >= fmt.REC_HEADER:
             at = self.pos + off
             h = fmt.unpack_header(view[off : off + fmt.REC_HEADER])
             if h is None:
                 raise self._corrupt(at, "no record header", bytes(view[off : off + 8]), "a record of the log")
-            if h.rtype not in fmt.KNOWN_TYPES or h.seq != self.seq + 1:
+            problem = fmt.chain_problem(h, self.seq, self.epoch, self.epoch_limit)
+            if problem is not None:
                 raise self._corrupt(
-                    at, "record breaks the chain", (h.rtype, h.seq), f"sequence {self.seq + 1}"
-                )
-            if not self.epoch <= h.epoch <= self.epoch_limit:
-                raise self._corrupt(
-                    at, "record epoch out of order", h.epoch, f"{self.epoch}..{self.epoch_limit}"
+                    at, problem, (h.rtype, h.seq, h.epoch), f"the record after sequence {self.seq}"
                 )
             if h.owner != self.owner:
                 raise self._corrupt(
                     at, "record stamped with another VM", fmt.owner_str(h.owner), self.unit_id
                 )
-            if h.rtype in (fmt.T_BLOCKS, fmt.T_TRIM) and not 0 < h.count <= fmt.MAX_EXTENT_BLOCKS:
-                raise self._corrupt(at, "block count out of range", h.count, f"1..{fmt.MAX_EXTENT_BLOCKS}")
-            if h.rtype != fmt.T_BLOCKS and h.payload_len > fmt.MAX_OBJECT_BYTES + 256:
-                raise self._corrupt(at, "payload length out of range", h.payload_len, "a record payload")
             if len(view) - off < h.total_len:
                 break  # the rest of this record comes with the next chunk
-            cover = 4 * h.count if h.rtype == fmt.T_BLOCKS else h.payload_len
+            cover = h.covered_len
             covered = view[off + fmt.REC_HEADER : off + fmt.REC_HEADER + cover]
             if not fmt.header_crc_ok(view[off : off + fmt.REC_HEADER], covered):
                 raise self._corrupt(at, "record header checksum mismatch", h.header_crc, "intact header")
@@ -151,13 +145,13 @@ class ChainCheck:
             self.seq, self.epoch = h.seq, h.epoch
             self.digest = chain(self.digest, view[off : off + fmt.REC_HEADER])
             off += h.total_len
-        del self.buf[:off]
+        self.carry = bytes(view[off:])
         self.pos += off
 
     def finish(self, end: int) -> None:
-        if self.buf or self.pos != end:
+        if self.carry or self.pos != end:
             raise self._corrupt(
-                self.pos, "log ends inside a record", len(self.buf), f"whole records up to {end}"
+                self.pos, "log ends inside a record", len(self.carry), f"whole records up to {end}"
             )
 
 

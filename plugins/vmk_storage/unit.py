@@ -417,19 +417,11 @@ class StorageUnit:
             if h is None:
                 reason = "end of log" if not any(raw) else "bad record magic"
                 break
-            if h.rtype not in fmt.KNOWN_TYPES:
-                reason = f"unknown record type {h.rtype}"
+            problem = fmt.chain_problem(h, seq, epoch, sb.epoch)
+            if problem is not None:
+                reason = problem
                 break
-            if h.rtype in (fmt.T_BLOCKS, fmt.T_TRIM) and not 0 < h.count <= fmt.MAX_EXTENT_BLOCKS:
-                reason = f"block count {h.count} out of range"
-                break
-            if h.rtype != fmt.T_BLOCKS and h.payload_len > fmt.MAX_OBJECT_BYTES + 256:
-                reason = f"payload length {h.payload_len} out of range"
-                break
-            if h.seq != seq + 1 or not epoch <= h.epoch <= sb.epoch:
-                reason = f"sequence {h.seq} epoch {h.epoch} breaks the chain after {seq}"
-                break
-            cover_len = 4 * h.count if h.rtype == fmt.T_BLOCKS else h.payload_len
+            cover_len = h.covered_len
             covered = win.get(pos + fmt.REC_HEADER, cover_len)
             if len(covered) < cover_len:
                 reason = "image ends inside a record"
