@@ -282,6 +282,8 @@ def export_volume(
     """Write ``volume`` (or its state in ``snapshot``) to ``dest`` as raw or qcow2; returns the content id."""
     if image_format not in FORMATS:
         raise InvalidArgument("format", image_format, "'raw' or 'qcow2'")
+    if not dest.parent.is_dir():
+        raise InvalidArgument("export destination", str(dest), "a path in an existing directory")
     if dest.exists() and not overwrite:
         raise InvalidArgument(
             "export destination", str(dest), "a path that does not exist yet (or overwrite=True)"

@@ -1175,6 +1175,8 @@ class StorageUnit:
         zeros), so exporters can leave holes.  Every written block is
         verified against its crc32c as it is read.
         """
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or not 0 < chunk <= fmt.MAX_EXTENT_BLOCKS:
+            raise InvalidArgument("chunk", chunk, f"a block count in 1..{fmt.MAX_EXTENT_BLOCKS}")
         with self._lock:
             self._check_volume(volume)
             self._ensure()

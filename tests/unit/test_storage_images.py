@@ -204,3 +204,16 @@ def test_bad_images_are_refused_with_typed_errors(make_store, tmp_path):
         unit.import_volume("../disk0", base)
     assert unit.content_ids() == before  # nothing reached the unit
     assert other.read("disk0", 0, 20) == b"secret of another VM"
+
+
+def test_export_and_streaming_arguments_are_typed(make_store, tmp_path):
+    unit = make_store().create(new_vm_id())
+    unit.write("disk0", 0, b"x")
+    for fmt_name in ("raw", "qcow2"):
+        with pytest.raises(InvalidArgument) as err:
+            unit.export_volume("disk0", tmp_path / "missing-dir" / "out.img", format=fmt_name)
+        assert err.value.thing == "export destination"
+    for chunk in (0, -1, 1 << 20, True):
+        with pytest.raises(InvalidArgument) as err:
+            list(unit.iter_volume("disk0", chunk=chunk))
+        assert (err.value.thing, err.value.value) == ("chunk", chunk)
