@@ -33,7 +33,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -209,12 +208,6 @@ def inspect_qcow2(path: Path) -> tuple[int, list[tuple[int, int]]]:
 # ------------------------------------------------------------------- import
 
 
-def _chunks(extents: list[tuple[int, int]]) -> Iterator[tuple[int, int]]:
-    for start, length in extents:
-        for off in range(start, start + length, _CHUNK):
-            yield off, min(_CHUNK, start + length - off)
-
-
 def import_volume(unit: StorageUnit, volume: str, path: Path, *, image_format: str | None = None) -> str:
     """Make ``volume`` of ``unit`` a verified copy of the image at ``path``; returns its content id."""
     unit._check_volume(volume)
@@ -234,19 +227,10 @@ def import_volume(unit: StorageUnit, volume: str, path: Path, *, image_format: s
             extents = _raw_extents(path, size)
         blocks = -(-size // fmt.BLOCK)
         padded = blocks * fmt.BLOCK
-        expected = _hash_file(raw, size, padded)
         old_size = unit.volumes().get(volume, {}).get("size", 0)
         if old_size:
             unit.discard(volume, 0, old_size)
-        with open(raw, "rb") as src:
-            for off, length in _chunks(extents):
-                src.seek(off)
-                data = src.read(length)
-                if len(data) != length:
-                    raise DiskImageError(
-                        str(path), off + len(data), "ends early", len(data), f"{length} bytes"
-                    )
-                unit.write(volume, off, data)
+        expected = _copy_and_hash(unit, volume, raw, size, padded, extents)
         if blocks and not any(s <= padded - 1 < s + n for s, n in extents):
             last = (blocks - 1) * fmt.BLOCK
             unit.write(volume, last, bytes(unit.read(volume, last, fmt.BLOCK)))  # fix the logical size
@@ -259,16 +243,33 @@ def import_volume(unit: StorageUnit, volume: str, path: Path, *, image_format: s
     return got
 
 
-def _hash_file(path: Path, size: int, padded: int) -> str:
+def _copy_and_hash(
+    unit: StorageUnit, volume: str, raw: Path, size: int, padded: int, extents: list[tuple[int, int]]
+) -> str:
+    """One pass over the raw image: hash every byte (holes as zeros) and write the allocated
+    extents into the volume.  Returns the BLAKE3 of the image padded to whole blocks."""
     hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
-    with open(path, "rb") as f:
-        left = size
-        while left:
-            data = f.read(min(_CHUNK, left))
-            if not data:
-                raise DiskImageError(str(path), size - left, "ends early", size - left, f"{size} bytes")
+    pending = sorted(extents)
+    first = 0  # pending[:first] end before the current chunk
+    with open(raw, "rb") as src:
+        for off in range(0, size, _CHUNK):
+            data = src.read(min(_CHUNK, size - off))
+            if len(data) != min(_CHUNK, size - off):
+                raise DiskImageError(
+                    str(raw), off + len(data), "ends early", off + len(data), f"{size} bytes"
+                )
             hasher.update(data)
-            left -= len(data)
+            end = off + len(data)
+            view = memoryview(data)
+            i = first
+            while i < len(pending) and pending[i][0] < end:
+                start, length = pending[i]
+                lo, hi = max(start, off), min(start + length, end)
+                if lo < hi:
+                    unit.write(volume, lo, view[lo - off : hi - off])
+                if start + length <= end and i == first:
+                    first += 1  # done with it
+                i += 1
     hasher.update(bytes(padded - size))
     return str(hasher.hexdigest())
 
